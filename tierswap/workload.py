@@ -46,6 +46,7 @@ _TEXT_BANK_BYTES = 1 << 18
 _TEXT_SEGMENTS = 4
 _TEXT_SEG_BYTES = (PAGE - 8 * HEADER_WORDS) // _TEXT_SEGMENTS
 _KIND_BITS = 24
+_RUN_MAX_TAIL = 256  # bytes of noise after a run page's repeated byte
 
 _VOCAB = (
     b"INFO ", b"WARN ", b"DEBUG ", b"ERROR ", b"2024-05-17T", b"12:", b"34:", b"56.", b"789Z ",
@@ -201,10 +202,13 @@ def expected_pages(
     if len(rows):
         p = params[rows]
         fill = (p % np.uint64(255) + np.uint64(1)).astype(np.uint8)
-        tail = (np.uint64(32) + (p >> np.uint64(8)) % np.uint64(225)).astype(np.int64)
-        noise = _word_stream(keys[rows]).view(np.uint8)
-        pos = np.arange(8 * HEADER_WORDS, PAGE)
-        bytes_view[rows, 8 * HEADER_WORDS :] = np.where(
+        tail = (np.uint64(32) + (p >> np.uint64(8)) % np.uint64(_RUN_MAX_TAIL - 31))
+        tail = tail.astype(np.int64)
+        tw = _RUN_MAX_TAIL // 8
+        noise = _word_stream(keys[rows], WORDS - tw).view(np.uint8)
+        pos = np.arange(PAGE - 8 * tw, PAGE)
+        bytes_view[rows, 8 * HEADER_WORDS : PAGE - 8 * tw] = fill[:, None]
+        bytes_view[rows, PAGE - 8 * tw :] = np.where(
             pos[None, :] >= PAGE - tail[:, None], noise, fill[:, None]
         )
     return bytes_view
@@ -212,18 +216,19 @@ def expected_pages(
 
 def _struct_words(seed: int, keys: np.ndarray, params: np.ndarray) -> np.ndarray:
     """Heap-like records of 4 words: pointers sharing a high part, small ints, padding."""
-    h = _word_stream(keys)
-    arena = np.uint64(0x00007F0000000000 | ((_seed_u64(seed) * 0x2545F491) & 0xFFFF) << 24)
-    # Field kinds per page (0 pointer, 1 small int, 2 two u32 counters, 3 zero padding);
-    # field 0 is always a pointer so no page degenerates to mostly zeros.
-    fk = ((params[:, None] >> np.arange(0, 8, 2, dtype=np.uint64)) & np.uint64(3)).astype(np.int8)
+    arena = 0x00007F0000000000 | ((_seed_u64(seed) * 0x2545F491) & 0xFFFF) << 24
+    # Field kinds: pointer into a 16 MiB arena (8-aligned), small int, two small u32 counters,
+    # zero padding. Each is (h & mask) | add; field 0 is always a pointer so that no page
+    # degenerates to mostly zeros.
+    mask = np.array([0xFFFFF8, 0x3FF, 0xFFF000000FF, 0], dtype=np.uint64)
+    add = np.array([arena, 0, 0, 0], dtype=np.uint64)
+    fk = ((params[:, None] >> np.arange(0, 8, 2, dtype=np.uint64)) & np.uint64(3)).astype(np.intp)
     fk[:, 0] = 0
     field = np.arange(HEADER_WORDS, WORDS) % 4
-    kind = fk[:, field]
-    ptr = arena + (h & np.uint64(0x00FFFFF8))
-    small = h & np.uint64(0x3FF)
-    pair = (h & np.uint64(0xFF)) | ((h >> np.uint64(20)) & np.uint64(0xFFF00000000))
-    return np.select([kind == 0, kind == 1, kind == 2], [ptr, small, pair], np.uint64(0))
+    h = _word_stream(keys)
+    h &= mask[fk][:, field]
+    h |= add[fk][:, field]
+    return h
 
 
 def content_stats(
