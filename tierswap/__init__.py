@@ -1,1 +1,2 @@
-"""tierswap: a Linux swap device served from user space, with virtual swap slots over tiered storage."""
+"""tierswap: a Linux swap device served from user space,
+with virtual swap slots over tiered storage."""

@@ -65,7 +65,9 @@ class Compression:
             return cls("none")
         algo, _, level = value.partition(":")
         if algo != "zstd":
-            raise ConfigError(f"{key}: unknown compression {value!r} (use \"zstd:LEVEL\" or \"none\")")
+            raise ConfigError(
+                f"{key}: unknown compression {value!r} (use \"zstd:LEVEL\" or \"none\")"
+            )
         try:
             lvl = int(level) if level else 1
         except ValueError:
@@ -345,7 +347,8 @@ def parse_config(text: str, source: str = "<string>", *, check_fs: bool = True) 
         raise ConfigError("tier: two file tiers share one path")
     for t in tiers:
         if t.capacity // shards < (1 << 20):
-            raise ConfigError(f"tier[{names.index(t.name)}].capacity: too small for {shards} shards")
+            i = names.index(t.name)
+            raise ConfigError(f"tier[{i}].capacity: too small for {shards} shards")
 
     policy = parse_policy(_table(doc, "policy"))
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Pages per request above which compression/decompression runs in a worker thread.
 THREAD_PAGES = 8
 RECENT_READS = 4096  # bounded record of runs read from slower tiers, for promotion
+GROW_WAIT = 2.0  # seconds a write may wait for a RAM tier to grow when nothing else has room
 
 
 class DeviceError(OSError):
@@ -155,7 +156,12 @@ class VirtualSwapDevice:
             sel = pages if k == n else pages[nonzero]
             clens, blob = await self._coded(target.codec.compress, sel, pages=k)
             lens[nonzero] = clens
-            new = await self.store(first, lens, blob, epoch, 0)
+            try:
+                new = await self.store(first, lens, blob, epoch, 0)
+            except DeviceError as e:
+                if e.errno != errno.ENOSPC or not await self._grow_for(int(lens.sum())):
+                    raise
+                new = await self.store(first, lens, blob, epoch, 0)
         else:
             new = [Run(first + a, ZERO_TIER, 0, lens[a : a + MAX_RUN], epoch)
                    for a in range(0, n, MAX_RUN)]
@@ -163,6 +169,22 @@ class VirtualSwapDevice:
         removed = self.map.replace(first, first + n, new)
         self._account(new, +1)
         self._release(removed)
+
+    async def _grow_for(self, nbytes: int) -> bool:
+        """Every tier is full but a RAM tier may still grow: wait (briefly) for that.
+
+        Only here does a write wait on growth; normally the grower keeps room ahead and full
+        tiers spill. The wait is bounded, so a machine that cannot give memory gets ENOSPC.
+        """
+        grew = False
+        with trio.move_on_after(GROW_WAIT):
+            for t in self.tiers:
+                grow = getattr(t, "grow", None)
+                while grow is not None and not t.space.draining and t.space.free_bytes() < nbytes:
+                    if not await grow():
+                        break
+                    grew = True
+        return grew
 
     def _first_open_tier(self, start: int = 0) -> Tier | None:
         for t in self.tiers[start:]:
@@ -343,7 +365,8 @@ async def open_device(config, shard: int) -> VirtualSwapDevice:
     share = config.size // config.shards
     npages = share // PAGE_SIZE
     map_size = (npages * MAP_BYTES_PER_PAGE + MAP_EXTRA + (1 << 20) - 1) >> 20 << 20
-    slotmap = SlotMap(config.state_dir / f"shard{shard}" / "map", map_size, SEG_SIZE.bit_length() - 1)
+    map_dir = config.state_dir / f"shard{shard}" / "map"
+    slotmap = SlotMap(map_dir, map_size, SEG_SIZE.bit_length() - 1)
     tiers: list[Tier] = []
     try:
         for i, tcfg in enumerate(config.tiers):

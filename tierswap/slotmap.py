@@ -210,7 +210,8 @@ class SlotMap:
             if cur is None:
                 return False
             now = decode(key, cur)
-            if now.tier != old.tier or now.base != old.base or not np.array_equal(now.lens, old.lens):
+            same = now.tier == old.tier and now.base == old.base
+            if not same or not np.array_equal(now.lens, old.lens):
                 return False
             self._delete(txn, now)
             self._put(txn, Run(old.start, tier, base, old.lens, old.epoch))

@@ -79,7 +79,8 @@ class FileTier(Tier):
         try:
             fd = os.open(cfg.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
-            raise TierError(e.errno, f"tier {cfg.name}: cannot open {cfg.path}: {e.strerror}")
+            msg = f"tier {cfg.name}: cannot open {cfg.path}: {e.strerror}"
+            raise TierError(e.errno, msg) from None
         if os.fstat(fd).st_size < (shard + 1) * share:
             os.close(fd)
             raise TierError(errno.ENOSPC, f"tier {cfg.name}: {cfg.path} is smaller than configured")

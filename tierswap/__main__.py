@@ -1,0 +1,5 @@
+import sys
+
+from tierswap.cli import main
+
+sys.exit(main())

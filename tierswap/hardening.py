@@ -1,0 +1,78 @@
+"""Make the daemon safe to serve swap: it must never need memory that only swapping can free.
+
+Called before serving, in the supervisor and in every shard worker:
+* ``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)``: no page of ours is ever reclaimed into
+  our own device (the classic user-space swap deadlock). MCL_ONFAULT locks pages as they are
+  touched instead of populating every reserved mapping at once, so the fixed-size LMDB map and
+  thread stacks cost only what they use; what must be resident up front (the RAM tier arena,
+  bounce buffers) is mapped with MAP_POPULATE or touched before serving.
+* ``prctl(PR_SET_IO_FLUSHER, 1)``: the kernel treats us as part of the I/O path: our own
+  allocations never recurse into I/O, and we are not throttled by dirty-page balancing.
+* ``oom_score_adj = -1000``: the OOM killer takes anything but us; killing the daemon would
+  lose every swapped page at once.
+* glibc malloc tuning (set in the environment by the supervisor before exec, see
+  `malloc_env`): no heap trimming and no per-thread arenas, so memory freed after a request is
+  reused for the next one instead of being given back and faulted in again under pressure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+PR_SET_IO_FLUSHER = 57
+
+
+def malloc_env() -> dict[str, str]:
+    return {
+        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+        "MALLOC_TOP_PAD_": str(64 << 20),
+        "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
+    }
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def harden(*, lock: bool = True) -> list[str]:
+    """Apply every protection; returns the ones that failed (also logged)."""
+    failed: list[str] = []
+    libc = _libc()
+    if lock and libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        failed.append(f"mlockall: {os.strerror(ctypes.get_errno())}")
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        failed.append(f"PR_SET_IO_FLUSHER: {os.strerror(ctypes.get_errno())}")
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError as e:
+        failed.append(f"oom_score_adj: {e.strerror}")
+    for msg in failed:
+        log.warning("hardening failed: %s", msg)
+    return failed
+
+
+def prefault_heap(nbytes: int = 32 << 20) -> None:
+    """Grow the malloc heap once and keep it (trim is off), so requests reuse locked memory."""
+    buf = bytearray(nbytes)  # zero-filled: every page is touched, hence locked
+    del buf
+
+
+def hardening_state(pid: int | str = "self") -> dict[str, object]:
+    """What the kernel reports for a process, for status and tests."""
+    out: dict[str, object] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmLck:", "VmRSS:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) * 1024
+    with open(f"/proc/{pid}/oom_score_adj") as f:
+        out["oom_score_adj"] = int(f.read())
+    return out
