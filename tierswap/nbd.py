@@ -656,13 +656,10 @@ class NBDClient:
                 if err == errno.ESHUTDOWN:
                     self._draining = True
                 self._finish(entry)
-        except _EOF:
+        except (_EOF, _ProtocolViolation, *_TRANSPORT_ERRORS) as exc:
             lost = trio.ClosedResourceError if self._closed else NBDDisconnected
-            self._fail(lost, "NBD client was closed" if self._closed
-                       else "NBD server closed the connection")
-        except (*_TRANSPORT_ERRORS, _ProtocolViolation) as exc:
-            lost = trio.ClosedResourceError if self._closed else NBDDisconnected
-            self._fail(lost, f"NBD connection lost: {exc}", exc)
+            why = "server closed the connection" if isinstance(exc, _EOF) else f"lost: {exc!r}"
+            self._fail(lost, "NBD client was closed" if self._closed else f"NBD {why}", exc)
         finally:
             self._fail(lost, "NBD reply reader stopped")
             self._reader_done.set()
@@ -685,13 +682,11 @@ class NBDClient:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(min(self._timeout, _CLOSE_GRACE)):
-                try:
-                    if self._failure is None and not self._disc_sent:
-                        await self._send_disc()
-                    await self._reader_done.wait()  # the server hangs up after DISC
-                except _TRANSPORT_ERRORS:
-                    pass
+            grace = min(self._timeout, _CLOSE_GRACE)
+            with trio.move_on_after(grace), suppress(*_TRANSPORT_ERRORS):
+                if self._failure is None and not self._disc_sent:
+                    await self._send_disc()
+                await self._reader_done.wait()  # the server hangs up after DISC
             with suppress(*_TRANSPORT_ERRORS):
                 await trio.aclose_forcefully(self._stream)
             self._fail(trio.ClosedResourceError, "NBD client was closed")
