@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import config_text, skip_without_capabilities, start, stop
+
+
+@pytest.fixture
+def base():
+    skip_without_capabilities()
+    # not under pytest's tmp_path: keep mount paths short and off any tmpfs quirks
+    d = Path(tempfile.mkdtemp(prefix="tierswap-test-", dir="/var/tmp"))
+    yield d
+
+
+@pytest.fixture
+def make_instance(base):
+    started = []
+
+    def make(**kw):
+        inst = start(base, config_text(base, **kw))
+        started.append(inst)
+        return inst
+
+    yield make
+    for inst in started:
+        stop(inst.base, inst.config)
