@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ class ControlError(Exception):
     """An error reply or a transport failure, worded for one line."""
 
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any] | AsyncIterator[dict[str, Any]]]
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Progress], Awaitable[Any]]
 
 
 def _encode(obj: Any) -> bytes:
@@ -66,18 +67,11 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
             except ValueError as e:
                 await stream.send_all(_encode({"ok": False, "error": f"bad request: {e}"}))
                 continue
+            async def progress(p: dict[str, Any]) -> None:
+                await stream.send_all(_encode({"progress": p}))
+
             try:
-                result = handler(req)
-                if hasattr(result, "__aiter__"):
-                    final: Any = None
-                    async for item in result:  # type: ignore[union-attr]
-                        if "progress" in item:
-                            await stream.send_all(_encode(item))
-                        else:
-                            final = item.get("result")
-                    reply = {"ok": True, "result": final}
-                else:
-                    reply = {"ok": True, "result": await result}  # type: ignore[misc]
+                reply = {"ok": True, "result": await handler(req, progress)}
             except (ControlError, ValueError, KeyError, OSError) as e:
                 msg = str(e).strip("'\"") or type(e).__name__
                 reply = {"ok": False, "error": msg.splitlines()[0]}

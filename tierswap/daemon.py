@@ -59,7 +59,7 @@ class Shard:
         d["hardening"] = hardening.hardening_state()
         return d
 
-    async def handle(self, req: dict[str, Any]) -> Any:
+    async def handle(self, req: dict[str, Any], progress) -> Any:
         cmd = req["cmd"]
         if cmd == "ping":
             return {"shard": self.shard, "pid": os.getpid()}
@@ -69,7 +69,7 @@ class Shard:
             self.stop.set()
             return {"stopping": True}
         if self.policy is not None:
-            return await self.policy.handle(req)
+            return await self.policy.handle(req, progress)
         raise ControlError(f"unknown command {cmd!r}")
 
 

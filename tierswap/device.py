@@ -328,6 +328,57 @@ class VirtualSwapDevice:
         removed = self.map.replace(first, last, [])
         self._release(removed)
 
+    # -------------------------------------------------------------------------- migration
+
+    async def move_run(self, run: Run, npages: int | None = None, *,
+                       to: Tier | None = None, start_tier: int = 0) -> int:
+        """Move the first `npages` pages of the whole map record `run` to another place.
+
+        The copy goes to tier `to`, or to the first tier from `start_tier` on with room (a
+        draining tier takes nothing). Bytes move as stored (compressed writeback: no
+        recompression). Published with compare-and-swap: if the run changed meanwhile
+        (overwritten, discarded, split) nothing is published and 0 is returned. Raises
+        DeviceError(ENOSPC) when no destination has room.
+        """
+        n = run.npages if npages is None else min(npages, run.npages)
+        part = run.clip(run.start, run.start + n) if n < run.npages else run
+        src = self.tiers[run.tier]
+        nbytes = part.nbytes
+        blob = src.read_nowait(part.base, nbytes) if nbytes else b""
+        if blob is None:
+            g = src.space.begin_read()
+            try:
+                blob = await src.read(part.base, nbytes)
+            except TierError as e:
+                raise DeviceError(e.errno or errno.EIO, str(e)) from None
+            finally:
+                src.space.end_read(g)
+        new = await self.store(part.start, part.lens, blob, part.epoch, start_tier, only=to)
+        rest = [run.clip(part.end, run.end)] if n < run.npages else []
+        if not self.map.relocate(run, new + rest):
+            self._release_runs(new)
+            return 0
+        # the pages left `src`: account them there, and in their new places
+        self._release([part])
+        self._account(new, +1)
+        for r in new:
+            dst = self.tiers[r.tier] if r.tier != ZERO_TIER else None
+            if dst is None:
+                continue
+            dst.counters.bytes_moved += r.nbytes
+            moved = int(np.count_nonzero(r.lens))
+            if r.tier < run.tier:
+                dst.counters.promotions += moved
+            elif r.tier > run.tier:
+                dst.counters.demotions += moved
+        return n
+
+    def _release_runs(self, runs: list[Run]) -> None:
+        """Give back space of runs that were stored but never published."""
+        for r in runs:
+            if r.tier != ZERO_TIER and r.nbytes:
+                self.tiers[r.tier].space.release(np.array([r.base]), np.array([r.nbytes]))
+
     # -------------------------------------------------------------------------- stats
 
     def statistics(self) -> DeviceStatistics:

@@ -198,8 +198,8 @@ class SlotMap:
                 self._put(txn, run)
         return removed
 
-    def relocate(self, old: Run, tier: int, base: int) -> bool:
-        """Point `old`'s pages at a new place, only if the map still holds exactly `old`.
+    def relocate(self, old: Run, new: list[Run]) -> bool:
+        """Replace record `old` by `new` (same pages), only if the map still holds exactly `old`.
 
         This compare-and-swap is what makes migration safe against a concurrent overwrite or
         discard: the mover copies, then commits only if nobody changed the run meanwhile.
@@ -214,7 +214,8 @@ class SlotMap:
             if not same or not np.array_equal(now.lens, old.lens):
                 return False
             self._delete(txn, now)
-            self._put(txn, Run(old.start, tier, base, old.lens, old.epoch))
+            for run in new:
+                self._put(txn, run)
         return True
 
     def touch(self, starts: list[int], epoch: int) -> None:

@@ -103,21 +103,41 @@ def render_table(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def combine_command(sup, req: dict[str, Any]) -> Any:
-    """Tier commands go to every shard; the policy module knows how to add up the answers."""
+async def combine_command(sup, req: dict[str, Any], progress=None) -> Any:
+    """Tier commands go to every shard; progress lines are summed and forwarded."""
+    import trio
+
+    from tierswap.control import acall
     from tierswap.policy import combine_replies, split_request
 
     reqs = split_request(req, len(sup.procs))
     results: list[Any] = [None] * len(reqs)
-    import trio
+    seen: list[dict[str, Any]] = [{} for _ in reqs]
+    changed = trio.Event()
 
-    from tierswap.control import acall
+    def note(k: int, p: dict[str, Any]) -> None:
+        seen[k] = p
+        changed.set()
 
     async def one(k: int) -> None:
         results[k] = await acall(sup.config.shard_dir(k) / "control.sock", reqs[k],
-                                 timeout=3600)
+                                 timeout=24 * 3600, on_progress=lambda p: note(k, p))
+
+    async def forward() -> None:
+        nonlocal changed
+        while True:
+            await changed.wait()
+            changed = trio.Event()
+            totals = [s.get("total") for s in seen]
+            await progress({"pages": sum(s.get("pages", 0) for s in seen),
+                            "total": sum(totals) if all(t is not None for t in totals) else None})
+            await trio.sleep(0.2)
 
     async with trio.open_nursery() as n:
-        for k in range(len(reqs)):
-            n.start_soon(one, k)
+        if progress is not None:
+            n.start_soon(forward)
+        async with trio.open_nursery() as workers:
+            for k in range(len(reqs)):
+                workers.start_soon(one, k)
+        n.cancel_scope.cancel()
     return combine_replies(req, results)

@@ -263,7 +263,7 @@ class Supervisor:
                 n.start_soon(one, k)
         return results
 
-    async def handle(self, req: dict[str, Any]) -> Any:
+    async def handle(self, req: dict[str, Any], progress=None) -> Any:
         from tierswap.status import combine_status
 
         cmd = req["cmd"]
@@ -278,7 +278,7 @@ class Supervisor:
         from tierswap.status import combine_command
 
         if cmd in ("migrate", "drain", "undrain", "compact", "policy", "inspect"):
-            return await combine_command(self, req)
+            return await combine_command(self, req, progress)
         raise ControlError(f"unknown command {cmd!r}")
 
     async def watchdog(self) -> None:
