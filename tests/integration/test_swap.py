@@ -58,9 +58,13 @@ def test_workload_swaps_through_both_tiers_and_discard_frees_slots(make_instance
             # the RAM budget is smaller than the swapped set: both tiers hold pages
             assert ram["pages"] > 0 and disk["pages"] > 0, st
             assert ram["stored_bytes"] <= ram["capacity_bytes"]
-            # zero pages cost no storage anywhere
+            # Zero pages cost no storage anywhere. Kernels since 6.12 keep swapped-out zero
+            # pages in a bitmap and never write them, so we may see none: what reaches us is
+            # at most the non-zero part of what the cgroup swapped.
             stats = content_stats(7, size // 4096)
-            assert st["pages"]["zero"] > 0.5 * stats["zero"] * (cg.swap_bytes() / size)
+            nonzero_share = 1 - stats["zero"] / (size // 4096)
+            swapped_pages = cg.swap_bytes() // 4096
+            assert st["pages"]["stored"] <= swapped_pages * nonzero_share * 1.05 + 256
             assert st["compression_ratio"] > 1.5
             assert st["metadata_bytes_per_page"] < 24
             peak = st["pages"]["stored"]
@@ -105,17 +109,21 @@ def test_private_files_and_no_allow_other(make_instance):
     assert ours and all("allow_other" not in ln for ln in ours)
 
 
+def proc_status(pid) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, v in (ln.split(":", 1) for ln in text.splitlines())}
+
+
 def test_shard_processes_are_hardened(make_instance):
     inst = make_instance(size="1G", ram="16M", disk="1G")
-    caps = int(next(ln for ln in open("/proc/self/status") if ln.startswith("CapEff"))
-               .split()[1], 16)
+    caps = int(proc_status("self")["CapEff"], 16)
     has_sys_resource = bool(caps & (1 << 24))
     for sh in inst.state()["shards"]:
-        status = dict(ln.split(":", 1) for ln in open(f"/proc/{sh['pid']}/status"))
+        status = proc_status(sh["pid"])
         locked = int(status["VmLck"].split()[0])
         rss = int(status["VmRSS"].split()[0])
         assert locked > 0.8 * rss, (locked, rss)  # mlockall: everything resident is locked
-        adj = int(open(f"/proc/{sh['pid']}/oom_score_adj").read())
+        adj = int(Path(f"/proc/{sh['pid']}/oom_score_adj").read_text())
         # without CAP_SYS_RESOURCE (some sandboxes) the kernel refuses -1000; the daemon says so
         assert adj == (-1000 if has_sys_resource else 0)
     log = (inst.run_dir / "tierswap.log").read_text()
