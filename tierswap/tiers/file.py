@@ -105,10 +105,12 @@ class FileTier(Tier):
 
         def work(buf: mmap.mmap) -> None:
             mv = memoryview(buf)
-            mv[:n] = data
-            mv[n:padded] = bytes(padded - n)
-            done = os.pwrite(self.fd, mv[:padded], self.origin + base)
-            mv.release()
+            try:
+                mv[:n] = data
+                mv[n:padded] = bytes(padded - n)
+                done = os.pwrite(self.fd, mv[:padded], self.origin + base)
+            finally:
+                mv.release()  # also on error: an export left behind breaks aclose()
             if done != padded:
                 raise OSError(errno.EIO, "short write")
 
