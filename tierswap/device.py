@@ -151,6 +151,8 @@ class VirtualSwapDevice:
         epoch = self.epoch()
         if k:
             target = self._first_open_tier()
+            if target is None and await self._grow_for(1):  # full, but a RAM tier may grow
+                target = self._first_open_tier()
             if target is None:
                 raise DeviceError(errno.ENOSPC, "every tier is full")
             sel = pages if k == n else pages[nonzero]
