@@ -305,3 +305,33 @@ def run_in_cgroup(
         raise CgroupError(f"cannot write {procs}: not writable (needs root?)")
     script = f'echo $$ > {shlex.quote(str(procs))} && exec "$@"'
     return subprocess.Popen(["/bin/sh", "-c", script, "sh", *map(os.fspath, argv)], **popen_kwargs)
+
+
+DAEMON_GROUP = "tierswap"
+
+
+def escape_memory_limit(*, v1_root: Path = V1_ROOT, v2_root: Path = V2_ROOT) -> str | None:
+    """Move this process out of a memory-limited cgroup into an unlimited `tierswap` group.
+
+    A swap daemon charged to a limited group is asked to reclaim when that group is full, and
+    reclaim swaps the group's pages out to... the daemon, which is busy reclaiming: deadlock.
+    PR_SET_IO_FLUSHER forbids our reclaim from doing I/O, but needs CAP_SYS_RESOURCE; leaving
+    the limited group removes the case altogether (systemd's unit is unlimited: no move
+    there). Returns a description of the move, or None when nothing was limited. Charges
+    already made stay where they are (v1 does not move them).
+    """
+    if own_headroom_bytes(v1_root=v1_root, v2_root=v2_root) is None:
+        return None
+    parsed = parse_proc_cgroup(_read(Path("/proc/self/cgroup")))
+    assert parsed is not None
+    kind, rel = parsed
+    base = v1_root if kind == "v1" else v2_root
+    target = base / DAEMON_GROUP
+    try:
+        target.mkdir(exist_ok=True)
+        _write(target / "cgroup.procs", os.getpid())
+    except (OSError, CgroupError) as e:
+        raise CgroupError(f"cannot leave memory-limited cgroup {rel}: {e}") from None
+    if own_headroom_bytes(v1_root=v1_root, v2_root=v2_root) is not None:
+        raise CgroupError(f"moved to {target}, but a memory limit still applies")
+    return f"left memory-limited cgroup {rel} for {target}"

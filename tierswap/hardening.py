@@ -1,6 +1,8 @@
 """Make the daemon safe to serve swap: it must never need memory that only swapping can free.
 
 Called before serving, in the supervisor and in every shard worker:
+* Leave a memory-limited cgroup (`cgroup.escape_memory_limit`): reclaim in a full group would
+  swap that group's pages to us while we are the ones reclaiming.
 * ``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)``: no page of ours is ever reclaimed into
   our own device (the classic user-space swap deadlock). MCL_ONFAULT locks pages as they are
   touched instead of populating every reserved mapping at once, so the fixed-size LMDB map and
@@ -44,6 +46,14 @@ def _libc() -> ctypes.CDLL:
 def harden(*, lock: bool = True) -> list[str]:
     """Apply every protection; returns the ones that failed (also logged)."""
     failed: list[str] = []
+    from tierswap.cgroup import CgroupError, escape_memory_limit
+
+    try:
+        moved = escape_memory_limit()
+        if moved:
+            log.warning("%s: a swap daemon must not be charged to the memory it frees", moved)
+    except (CgroupError, OSError) as e:
+        failed.append(f"memory cgroup: {e}")
     libc = _libc()
     if lock and libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         failed.append(f"mlockall: {os.strerror(ctypes.get_errno())}")

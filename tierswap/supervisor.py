@@ -8,6 +8,7 @@ undoes what was done so far: nothing stays mounted, attached or half-started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -84,23 +85,60 @@ def running_pid(config: Config) -> int | None:
     return pid if system.pid_alive(pid) else None
 
 
+def _known_loops(st: dict[str, Any]) -> dict[str, str]:
+    return {sh["loop"]: sh["backing"] for sh in st.get("shards", [])
+            if sh.get("loop") and sh.get("backing")}
+
+
 def stale_state(config: Config) -> list[str]:
     """What a crashed run left behind (empty when clean)."""
-    left = []
-    left += [f"swap/loop {d}" for d in system.loops_backed_by(config.run_dir)]
-    left += [f"mount {m}" for m in system.fuse_mounts_under(config.run_dir)]
     st = read_state(config) or {}
-    for sh in st.get("shards", []):
-        if sh.get("pid") and system.pid_alive(sh["pid"]):
-            left.append(f"shard process {sh['pid']}")
+    left = [f"swap/loop {d}" for d in system.loops_backed_by(config.run_dir, _known_loops(st))]
+    left += [f"mount {m}" for m in system.fuse_mounts_under(config.run_dir)]
+    for pid in [st.get("pid")] + [sh.get("pid") for sh in st.get("shards", [])]:
+        if pid and pid != os.getpid() and system.pid_alive(pid):
+            left.append(f"process {pid}")
     return left
 
 
+def _shards_answer(config: Config, st: dict[str, Any]) -> bool:
+    from tierswap.control import call
+
+    shards = st.get("shards", [])
+    try:
+        for sh in shards:
+            call(config.shard_dir(sh["shard"]) / "control.sock", {"cmd": "ping"}, timeout=2)
+    except ControlError:
+        return False
+    return bool(shards)
+
+
 def force_cleanup(config: Config) -> list[str]:
-    """Clear whatever a crashed run left: swapoff, detach, abort+unmount FUSE, kill workers."""
+    """Clear whatever a crashed run left, in an order that cannot hang.
+
+    If the shards still answer, their pages can be saved: swapoff first, as in a normal stop.
+    Otherwise the kernel would wait forever on I/O nobody serves, so the FUSE connections are
+    aborted first (pending and future I/O fails; those pages died with the daemon), then
+    swapoff, detach, unmount, and leftover processes are killed.
+    """
     done: list[str] = []
     st = read_state(config) or {}
-    for dev in system.loops_backed_by(config.run_dir):
+    known = _known_loops(st)
+    loops = system.loops_backed_by(config.run_dir, known)
+    graceful = _shards_answer(config, st)
+    if not graceful:
+        for pid in [st.get("pid")] + [sh.get("pid") for sh in st.get("shards", [])]:
+            if pid and pid != os.getpid() and system.pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    done.append(f"killed process {pid}")
+        for mnt in system.fuse_mounts_under(config.run_dir):
+            if system.abort_fuse(mountpoint=mnt):
+                done.append(f"aborted FUSE connection of {mnt}")
+        for dev in loops:
+            if system.abort_fuse(majmin=known.get(dev) or system.loop_backing_dev(dev)):
+                done.append(f"aborted FUSE connection behind {dev}")
+    for dev in loops:
         try:
             system.swapoff(dev, timeout=600)
             done.append(f"swapoff {dev}")
@@ -111,13 +149,11 @@ def force_cleanup(config: Config) -> list[str]:
     for sh in st.get("shards", []):
         pid = sh.get("pid")
         if pid and system.pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                done.append(f"killed shard process {pid}")
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            system.wait_for(lambda pid=pid: not system.pid_alive(pid), timeout=30)
+            done.append(f"stopped shard process {pid}")
     for mnt in system.fuse_mounts_under(config.run_dir):
-        system.abort_fuse(mnt)
         system.lazy_unmount(mnt)
         done.append(f"unmounted {mnt}")
     for p in (state_path(config), config.pid_file, config.control_socket):
@@ -134,6 +170,7 @@ class Supervisor:
         self.config_path = config_path
         self.procs: list[trio.Process] = []
         self.loops: list[str] = []
+        self.backing: list[str] = []  # major:minor of each loop's backing FUSE file
         self.shutdown = trio.Event()
         self.active = False
         self.started = time.time()
@@ -198,6 +235,8 @@ class Supervisor:
         for f in files:
             dev = await trio.to_thread.run_sync(system.loop_attach, f)
             self.loops.append(dev)
+            st_dev = os.stat(f).st_dev
+            self.backing.append(f"{os.major(st_dev)}:{os.minor(st_dev)}")
             self._write_state()
             await trio.to_thread.run_sync(system.mkswap, dev)
             await trio.to_thread.run_sync(system.swapon, dev, cfg.priority)
@@ -210,7 +249,8 @@ class Supervisor:
             "config": self.config_path,
             "shards": [
                 {"shard": k, "pid": p.pid, "mnt": str(self.config.shard_dir(k) / "mnt"),
-                 "loop": self.loops[k] if k < len(self.loops) else None}
+                 "loop": self.loops[k] if k < len(self.loops) else None,
+                 "backing": self.backing[k] if k < len(self.backing) else None}
                 for k, p in enumerate(self.procs)
             ],
             "active": self.active,

@@ -36,22 +36,43 @@ def run(argv: list[str], timeout: float = 60.0, check: bool = True) -> str:
 
 def loop_attach(path: Path) -> str:
     """Attach with direct I/O: requests reach the daemon without a second page cache."""
-    return run(["losetup", "--find", "--show", "--direct-io=on", str(path)]).strip()
+    dev = run(["losetup", "--find", "--show", "--direct-io=on", str(path)]).strip()
+    # Writeback throttling would make reclaim wait on our queue's latency; the daemon
+    # already bounds what it takes in flight, so switch it off (best effort).
+    with contextlib.suppress(OSError):
+        Path(f"/sys/block/{Path(dev).name}/queue/wbt_lat_usec").write_text("0")
+    return dev
+
+
+def loop_list() -> list[dict[str, str]]:
+    try:
+        out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,BACK-MAJ:MIN"],
+                  check=False)
+        return json.loads(out).get("loopdevices", []) if out.strip() else []
+    except (SystemError_, ValueError):
+        return []
+
+
+def loop_backing_dev(dev: str) -> str | None:
+    for d in loop_list():
+        if d["name"] == dev:
+            return d.get("back-maj:min")
+    return None
 
 
 def loop_detach(dev: str) -> None:
     run(["losetup", "--detach", dev], check=False)
 
 
-def loops_backed_by(prefix: Path) -> list[str]:
-    """Loop devices whose backing file lies under `prefix` (for stale-state cleanup)."""
-    try:
-        out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], check=False)
-        devs = json.loads(out).get("loopdevices", []) if out.strip() else []
-    except (SystemError_, ValueError):
-        return []
+def loops_backed_by(prefix: Path, known: dict[str, str] | None = None) -> list[str]:
+    """Loop devices whose backing file lies under `prefix`, or that match `known`
+    ({loop: backing major:minor}, from the state file: after a lazy unmount the backing path
+    no longer shows the mount, but the device number still identifies our FUSE file)."""
     pre = str(prefix).rstrip("/") + "/"
-    return [d["name"] for d in devs if (d.get("back-file") or "").startswith(pre)]
+    known = known or {}
+    return [d["name"] for d in loop_list()
+            if (d.get("back-file") or "").startswith(pre)
+            or (d["name"] in known and d.get("back-maj:min") == known[d["name"]])]
 
 
 # ---------------------------------------------------------------------------- swap
@@ -106,12 +127,25 @@ def fuse_connection(mountpoint: str) -> str | None:
     return None
 
 
-def abort_fuse(mountpoint: str) -> None:
-    """Fail all pending and future requests of a hung FUSE connection (last resort)."""
-    conn = fuse_connection(mountpoint)
-    if conn is not None:
-        with contextlib.suppress(OSError):
-            Path(f"/sys/fs/fuse/connections/{conn}/abort").write_text("1")
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_fuse(mountpoint: str | None = None, majmin: str | None = None) -> bool:
+    """Fail all pending and future requests of a FUSE connection (last resort: a dead or
+    wedged daemon under an active swap device). Found by mountpoint, or by the device number
+    of the file system (which outlives a lazy unmount)."""
+    conn = fuse_connection(mountpoint) if mountpoint else None
+    if conn is None and majmin and majmin.startswith("0:"):
+        conn = majmin.split(":")[1]
+    if conn is None:
+        return False
+    if not any(FUSECTL.iterdir()):
+        run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False)
+    try:
+        (FUSECTL / conn / "abort").write_text("1")
+        return True
+    except OSError:
+        return False
 
 
 def lazy_unmount(mountpoint: str) -> None:

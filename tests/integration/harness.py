@@ -112,7 +112,9 @@ class Instance:
 
 
 def leftovers(run_dir: Path) -> list[str]:
-    left = [f"loop {d}" for d in system.loops_backed_by(run_dir)]
+    left = [f"loop {d['name']}" for d in system.loop_list()
+            if (d.get("back-file") or "").startswith(f"{run_dir}/")
+            or d.get("back-file") == "/swap.img"]  # our file on a lazily unmounted FUSE
     left += [f"mount {m}" for m in system.fuse_mounts_under(run_dir)]
     p = subprocess.run(["pgrep", "-f", f"tierswap.*{run_dir.parent}"], capture_output=True,
                        text=True)

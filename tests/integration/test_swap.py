@@ -150,19 +150,19 @@ def test_down_twice_and_up_again(base):
         stop(base, cfg)
 
 
-def test_down_force_clears_a_crashed_run(base):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed", "wedged"])
+def test_down_force_clears_a_crashed_or_wedged_run(base, how):
     cfg = base / "t.toml"
     cfg.write_text(config_text(base, size="1G", ram="16M", disk="1G"))
     try:
         start(base, cfg.read_text())
         st = json.loads((base / "run" / "state.json").read_text())
-        # crash: the supervisor and every shard die at once, swap still active
-        os.kill(st["pid"], signal.SIGKILL)
-        for sh in st["shards"]:
-            os.kill(sh["pid"], signal.SIGKILL)
+        # crash (or hang): the supervisor and every shard at once, swap still active
+        for pid in [st["pid"]] + [sh["pid"] for sh in st["shards"]]:
+            os.kill(pid, how)
         time.sleep(0.2)
         assert leftovers(base / "run"), "the crash should have left the loop and mount"
-        plain = cli("down", config=cfg, check=False)
+        plain = cli("down", "--timeout", "5", config=cfg, check=False)
         assert plain.returncode == 1 and "--force" in plain.stderr
         assert len(plain.stderr.strip().splitlines()) == 1
         forced = cli("down", "--force", config=cfg, check=False)
