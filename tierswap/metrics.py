@@ -1,0 +1,415 @@
+"""Prometheus metrics: the status record (`tierswap.status.combine_status`) in the text
+exposition format, written as a node_exporter textfile or served on a localhost HTTP port.
+
+Why no prometheus_client: the daemon has no metric objects to keep. Every value already sits in
+the one status record that `status --json` and systemd's STATUS= line come from, so all we need
+is its rendering in a stable, line-oriented format; that is a page of code, while the client
+library would add a dependency (and its own HTTP server thread) to a process that must stay
+small, locked in memory and on trio.
+
+Names follow the Prometheus conventions: a `tierswap_` prefix, base units in the name (bytes,
+pages), counters end in `_total`. Counters restart from zero when the daemon restarts, which
+Prometheus' rate() handles. Metrics describe amounts and counts only; no page content, no
+addresses inside tiers.
+
+Nothing here may end the supervisor: both entry points log and carry on when something fails,
+because the supervisor runs them next to the swap device, and an exception there would take
+swap down (see `write_textfile` and `serve_metrics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tierswap.control import ControlError
+
+log = logging.getLogger("tierswap.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_REQUEST = 8 << 10  # bytes of request line + headers we accept
+READ_TIMEOUT = 10.0  # seconds for a client to send its request
+CONNECTION_TIMEOUT = 60.0  # seconds for a whole exchange, status fan-out included
+MAX_CONNECTIONS = 4  # served at once; more wait in the listen backlog
+LINGER_TIMEOUT = 1.0  # seconds to wait for the client to close after the response
+
+Labels = Mapping[str, str]
+Sample = tuple[Labels, float | int | bool]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def escape_label(value: str) -> str:
+    """Label value escaping of the text format: backslash, double quote and newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(v: float | int | bool) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def _number(v: Any) -> float | int | bool | None:
+    """A sample value, or None for anything that is not a number (skipped, never an error)."""
+    return v if isinstance(v, int | float) else None
+
+
+class _Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        """One metric family; omitted when it has no sample (e.g. a key older shards lack)."""
+        body = []
+        for labels, value in samples:
+            v = _number(value)
+            if v is None:
+                continue
+            if labels:
+                lab = ",".join(f'{k}="{escape_label(str(x))}"' for k, x in labels.items())
+                body.append(f"{name}{{{lab}}} {format_value(v)}")
+            else:
+                body.append(f"{name} {format_value(v)}")
+        if body:
+            self.lines.append(f"# HELP {name} {_escape_help(help_text)}")
+            self.lines.append(f"# TYPE {name} {kind}")
+            self.lines.extend(body)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n" if self.lines else ""
+
+
+# per-tier gauges: (status key, metric suffix, help)
+_TIER_GAUGES = (
+    ("pages", "pages", "Non-zero pages stored in the tier."),
+    ("zero_pages", "zero_pages", "Zero pages recorded in the tier's runs (they take no room)."),
+    ("stored_bytes", "stored_bytes", "Bytes of (compressed) pages stored in the tier."),
+    ("capacity_bytes", "capacity_bytes",
+     "Capacity of the tier: the shards' shares, in whole segments."),
+    ("available_bytes", "available_bytes",
+     "Part of the capacity usable now (a memory tier grows into its capacity)."),
+    ("free_bytes", "free_bytes", "Room for new pages in the usable part."),
+    ("segments", "segments", "Segments usable now."),
+    ("free_segments", "free_segments", "Empty segments."),
+    ("free_extents", "free_extents", "Runs of adjacent free segments (fragmentation)."),
+    ("largest_free_extent", "largest_free_extent_bytes",
+     "Longest run of adjacent free segments, in bytes (largest of all shards)."),
+    ("compression_ratio", "compression_ratio",
+     "Uncompressed size of the tier's non-zero pages over their stored size (0 when empty)."),
+    ("draining", "draining", "1 while the tier is drained: it takes no new pages."),
+    ("arena_bytes", "arena_bytes", "Memory tier: locked RAM reserved for pages so far."),
+    ("file_allocated_bytes", "file_allocated_bytes",
+     "File tier: bytes the tier file occupies on disk."),
+    ("degraded_segments", "degraded_segments",
+     "Remote tier: live segments with fewer up-to-date copies than configured."),
+)
+
+# per-tier counters: (key in tier["counters"] or in the tier, metric suffix, help)
+_TIER_COUNTERS = (
+    ("pages_in", "pages_in_total", "Pages written into the tier (writes and moves)."),
+    ("pages_out", "pages_out_total", "Pages read from the tier."),
+    ("promotions", "promoted_pages_total", "Pages moved up into the tier."),
+    ("demotions", "demoted_pages_total", "Pages moved down into the tier."),
+    ("bytes_moved", "moved_bytes_total", "Bytes moved into the tier by migration."),
+    ("errors", "errors_total", "I/O errors of the tier."),
+)
+
+# per-tier counters some kinds report besides TierCounters: (key in the tier, suffix, help)
+_TIER_EXTRA_COUNTERS = (
+    ("grow_failures", "grow_failures_total",
+     "Memory tier: failed attempts to map another arena chunk (a refusal for lack of "
+     "headroom is not one)."),
+    ("auth_failures", "auth_failures_total",
+     "Encrypted file or remote tier: blocks that failed authentication when read."),
+    ("stale_reads", "stale_reads_total",
+     "Remote tier: reads served from a copy known to be stale (the last resort)."),
+    ("degraded_writes", "degraded_writes_total",
+     "Remote tier: writes acknowledged with fewer copies than configured."),
+    ("resynced_segments", "resynced_segments_total",
+     "Remote tier: segments copied to a target that had missed them."),
+    ("rereplicated_segments", "rereplicated_segments_total",
+     "Remote tier: segments copied to another target because one stayed down."),
+)
+
+# device I/O counters: (key in status["io"], metric, help)
+_IO_COUNTERS = (
+    ("reads", "tierswap_reads_total", "Read requests from the swap device(s)."),
+    ("writes", "tierswap_writes_total", "Write requests to the swap device(s)."),
+    ("discards", "tierswap_discards_total", "Discard requests (freed swap slots)."),
+    ("read_errors", "tierswap_read_errors_total", "Read requests answered with an error."),
+    ("write_errors", "tierswap_write_errors_total", "Write requests answered with an error."),
+    ("enospc", "tierswap_enospc_total",
+     "Write requests refused because every tier was full (also in write errors)."),
+)
+
+
+def render(status: Mapping[str, Any]) -> str:
+    """The status record as Prometheus text exposition format (version 0.0.4)."""
+    out = _Exposition()
+    g, c = "gauge", "counter"
+    pages = status.get("pages", {})
+    out.family("tierswap_active", g, "1 while tierswap's devices are in use as swap.",
+               [({}, bool(status.get("active")))])
+    out.family("tierswap_size_bytes", g, "Virtual size of the swap device(s) the kernel sees.",
+               [({}, status.get("size_bytes"))])
+    out.family("tierswap_shards", g, "Shard worker processes (one loop device each).",
+               [({}, status.get("shards"))])
+    out.family("tierswap_device_info", g, "The loop device of each shard (value always 1).",
+               [({"device": d, "shard": str(k)}, 1)
+                for k, d in enumerate(status.get("devices", []))])
+    out.family("tierswap_swap_used_bytes", g,
+               "Swap in use on tierswap's devices, as /proc/swaps reports it.",
+               [({}, status.get("swap_used_bytes"))])
+    out.family("tierswap_stored_pages", g, "Non-zero pages stored in the tiers.",
+               [({}, pages.get("stored"))])
+    out.family("tierswap_zero_pages", g, "Zero pages (recorded in the map, no storage).",
+               [({}, pages.get("zero"))])
+    out.family("tierswap_stored_bytes", g, "Bytes of (compressed) pages stored, all tiers.",
+               [({}, status.get("stored_bytes"))])
+    out.family("tierswap_compression_ratio", g,
+               "Uncompressed size of non-zero pages over their stored size (0 when empty).",
+               [({}, status.get("compression_ratio"))])
+    out.family("tierswap_metadata_bytes", g, "Bytes of slot-map pages in use (all shards).",
+               [({}, status.get("metadata_bytes"))])
+    out.family("tierswap_map_runs", g, "Slot-map records (one per run of pages).",
+               [({}, status.get("runs"))])
+
+    io = status.get("io", {})
+    for key, name, help_text in _IO_COUNTERS:
+        out.family(name, c, help_text, [({}, io.get(key))])
+
+    tiers = status.get("tiers", [])
+    labels = [{"tier": t.get("name", str(i)), "kind": t.get("kind", "")}
+              for i, t in enumerate(tiers)]
+    for key, suffix, help_text in _TIER_GAUGES:
+        out.family(f"tierswap_tier_{suffix}", g, help_text,
+                   [(lab, t.get(key)) for lab, t in zip(labels, tiers, strict=True)])
+    for key, suffix, help_text in _TIER_COUNTERS:
+        out.family(f"tierswap_tier_{suffix}", c, help_text,
+                   [(lab, t.get("counters", {}).get(key))
+                    for lab, t in zip(labels, tiers, strict=True)])
+    for key, suffix, help_text in _TIER_EXTRA_COUNTERS:
+        out.family(f"tierswap_tier_{suffix}", c, help_text,
+                   [(lab, t.get(key)) for lab, t in zip(labels, tiers, strict=True)])
+
+    shards = list(enumerate(status.get("hardening", [])))
+    for key, name, help_text in (
+        ("VmRSS", "tierswap_shard_resident_bytes", "Resident memory of the shard process."),
+        ("VmLck", "tierswap_shard_locked_bytes",
+         "Locked memory of the shard process (below resident: mlockall did not apply)."),
+        ("oom_score_adj", "tierswap_shard_oom_score_adj",
+         "oom_score_adj of the shard process (-1000: never chosen by the OOM killer)."),
+    ):
+        out.family(name, g, help_text, [({"shard": str(k)}, h.get(key)) for k, h in shards])
+    return out.text()
+
+
+# ---------------------------------------------------------------------------- textfile
+
+_textfile_error: str | None = None  # last failure logged, so a lasting one is logged once
+
+
+def write_textfile(path: Path | str, status: Mapping[str, Any]) -> bool:
+    """Replace `path` atomically with the rendered metrics; False (and a log line) on failure.
+
+    The file is written next to its final name and renamed over it, so node_exporter never
+    reads half a file; the temporary name starts with a dot and does not end in ".prom", which
+    the textfile collector ignores. Mode 0644 on purpose, whatever the umask (the unit sets
+    0077): node_exporter usually runs as its own user, and the file holds counts, no page
+    content. No fsync: the file is rewritten every interval and worth nothing after a crash.
+
+    Errors are logged, not raised: the supervisor calls this from its status loop, where an
+    exception would end the daemon and take swap away over a metrics file.
+    """
+    global _textfile_error
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        text = render(status)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o644)
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        msg = f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        if msg != _textfile_error:
+            log.warning("metrics textfile not written: %s", msg)
+            _textfile_error = msg
+        return False
+    if _textfile_error is not None:
+        log.info("metrics textfile %s written again", path)
+        _textfile_error = None
+    return True
+
+
+# ---------------------------------------------------------------------------- HTTP endpoint
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9110) from "127.0.0.1:9110"; "[::1]:9110" and "::1:9110" give "::1"."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _response(code: int, body: bytes, extra: str = "", ctype: str = CONTENT_TYPE) -> bytes:
+    head = (f"HTTP/1.0 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def _error(code: int, text: str, extra: str = "") -> bytes:
+    return _response(code, f"{text}\n".encode(), extra, "text/plain; charset=utf-8")
+
+
+async def _read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
+    """Request line and headers (GET has no body); None when the client sends too much."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+        if len(buf) > MAX_REQUEST:
+            return None
+        chunk = await stream.receive_some(4096)
+        if not chunk:  # the client closed its side: answer what we have
+            break
+        buf += chunk
+    return bytes(buf) if len(buf) <= MAX_REQUEST else None
+
+
+async def _answer(stream: trio.abc.Stream, sup: Any) -> bytes:
+    head: bytes | None = None
+    with trio.move_on_after(READ_TIMEOUT) as timer:
+        head = await _read_head(stream)
+    if timer.cancelled_caught:
+        return _error(408, "request not received in time")
+    if head is None:
+        return _error(431, "request too large")
+    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return _error(400, "bad request line")
+    method, target, _version = parts
+    if method != "GET":
+        return _error(405, "only GET", "Allow: GET\r\n")
+    if target.split("?", 1)[0] != "/metrics":
+        return _error(404, "not found; try /metrics")
+    try:
+        status = await sup.handle({"cmd": "status"})
+    except Exception as e:
+        # A shard that does not answer fails the scrape, and swap goes on. The supervisor's
+        # fan-out runs in a trio nursery, which wraps the ControlError in an exception group.
+        leaf = _first_leaf(e)
+        if isinstance(leaf, ControlError):
+            return _error(503, f"tierswap: {leaf}")
+        raise
+    return _response(200, render(status).encode())
+
+
+def _first_leaf(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then read what the client still sends until it closes (briefly, boundedly).
+
+    Closing a TCP socket with unread input sends a reset, and a reset can destroy the response
+    before the client has read it; that happens whenever we answer without reading the whole
+    request (too large, or an error answered early).
+    """
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_TIMEOUT):
+        drained = 0
+        while drained < MAX_REQUEST * 8 and (chunk := await stream.receive_some(65536)):
+            drained += len(chunk)
+
+
+async def _serve_connection(stream: trio.SocketStream, sup: Any, slots: trio.Semaphore) -> None:
+    try:
+        async with stream:
+            with trio.move_on_after(CONNECTION_TIMEOUT):
+                try:
+                    reply = await _answer(stream, sup)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise
+                except Exception:
+                    log.exception("metrics: request failed")
+                    reply = _error(500, "internal error (see the tierswap log)")
+                await stream.send_all(reply)
+                await _linger(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the scraper went away
+    finally:
+        slots.release()
+
+
+async def _accept_loop(listener: trio.SocketListener, sup: Any, slots: trio.Semaphore,
+                       nursery: trio.Nursery) -> None:
+    async with listener:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # EMFILE and the like: back off, keep serving swap
+                slots.release()
+                log.warning("metrics: accept failed: %s", e.strerror or e)
+                await trio.sleep(0.5)
+                continue
+            nursery.start_soon(_serve_connection, stream, sup, slots)
+
+
+async def serve_metrics(sup: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve GET /metrics on `sup.config.metrics.listen` until cancelled.
+
+    A deliberately small HTTP/1.0 server: one request per connection, the request line and
+    headers capped at MAX_REQUEST bytes and READ_TIMEOUT seconds, at most MAX_CONNECTIONS
+    served at once, the connection closed after the response. Only GET /metrics (with or
+    without a query string) is answered. Each scrape asks `sup.handle({"cmd": "status"})`,
+    so the numbers are as fresh as `tierswap status`.
+
+    `task_status.started()` gets the bound socket addresses (tests listen on port 0). When the
+    address cannot be bound the error is logged and this returns: swap runs on without
+    metrics rather than not at all.
+    """
+    listen = sup.config.metrics.listen
+    try:
+        host, port = parse_listen(listen)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except (OSError, ValueError) as e:
+        log.error("metrics: cannot listen on %s: %s", listen,
+                  e.strerror if isinstance(e, OSError) and e.strerror else e)
+        task_status.started([])
+        return
+    addrs = [lst.socket.getsockname() for lst in listeners]
+    log.info("metrics: serving GET /metrics on %s", listen)
+    slots = trio.Semaphore(MAX_CONNECTIONS)
+    async with trio.open_nursery() as nursery:
+        for lst in listeners:
+            nursery.start_soon(_accept_loop, lst, sup, slots, nursery)
+        task_status.started(addrs)
