@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from typing import Any
 import trio
 
 MAX_MESSAGE = 64 << 10
+log = logging.getLogger(__name__)
 
 
 class ControlError(Exception):
@@ -28,6 +30,13 @@ class ControlError(Exception):
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Progress], Awaitable[Any]]
+
+
+def first_error(e: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group: trio nurseries wrap errors in groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
 
 
 def _encode(obj: Any) -> bytes:
@@ -72,8 +81,11 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
 
             try:
                 reply = {"ok": True, "result": await handler(req, progress)}
-            except (ControlError, ValueError, KeyError, OSError) as e:
-                msg = str(e).strip("'\"") or type(e).__name__
+            except Exception as e:  # one bad request must not stop the server
+                err = first_error(e)
+                if not isinstance(err, ControlError | ValueError | KeyError | OSError):
+                    log.exception("control request %r failed", req.get("cmd"))
+                msg = str(err).strip("'\"") or type(err).__name__
                 reply = {"ok": False, "error": msg.splitlines()[0]}
             await stream.send_all(_encode(reply))
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,8 @@ def base():
     # not under pytest's tmp_path: keep mount paths short and off any tmpfs quirks
     d = Path(tempfile.mkdtemp(prefix="tierswap-test-", dir="/var/tmp"))
     yield d
+    # instances using `d` were stopped by now (fixture teardown runs in reverse order)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
