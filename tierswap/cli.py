@@ -91,8 +91,10 @@ def cmd_down(args) -> int:
     pid = running_pid(config)
     if pid is not None:
         try:
-            call(config.control_socket, {"cmd": "down"}, timeout=10)
+            call(config.control_socket, {"cmd": "down"}, timeout=args.timeout)
         except ControlError as e:
+            if "swapoff failed" in str(e):
+                raise CliError(str(e)) from None
             if not args.force:
                 raise CliError(f"{e}; the supervisor (pid {pid}) does not answer: "
                                "use 'tierswap down --force'") from None

@@ -104,7 +104,7 @@ async def serve_control(path: Path, handler: Handler, *, task_status=trio.TASK_S
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        async with trio.open_nursery() as nursery:
+        async with listener, trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
                 nursery.start_soon(_serve_one_safely, stream, handler)

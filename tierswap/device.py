@@ -25,6 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import lmdb
 import numpy as np
 import trio
 import zstandard as zstd
@@ -168,7 +169,11 @@ class VirtualSwapDevice:
             new = [Run(first + a, ZERO_TIER, 0, lens[a : a + MAX_RUN], epoch)
                    for a in range(0, n, MAX_RUN)]
         # publish: no await from here to the end
-        removed = self.map.replace(first, first + n, new)
+        try:
+            removed = self.map.replace(first, first + n, new)
+        except lmdb.MapFullError:
+            self._release_runs(new)
+            raise DeviceError(errno.ENOSPC, "the slot map is full") from None
         self._account(new, +1)
         self._release(removed)
 
@@ -327,7 +332,10 @@ class VirtualSwapDevice:
         self.discard_pages(a, b)
 
     def discard_pages(self, first: int, last: int) -> None:
-        removed = self.map.replace(first, last, [])
+        try:
+            removed = self.map.replace(first, last, [])
+        except lmdb.MapFullError:  # splitting a run needs a page; the pages stay stored
+            raise DeviceError(errno.ENOSPC, "the slot map is full") from None
         self._release(removed)
 
     # -------------------------------------------------------------------------- migration

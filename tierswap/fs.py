@@ -15,6 +15,7 @@ import os
 import stat
 import time
 
+import lmdb
 import pyfuse3
 
 from tierswap.device import DeviceError, VirtualSwapDevice
@@ -25,6 +26,18 @@ FILE_NAME = b"swap.img"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _errno(e: Exception, what: str) -> pyfuse3.FUSEError:
+    """Map any failure to an errno: pyfuse3 lets non-FUSEError exceptions end the session,
+    which would leave the kernel's swap device without a server."""
+    if isinstance(e, DeviceError):
+        return pyfuse3.FUSEError(e.errno or errno.EIO)
+    if isinstance(e, lmdb.MapFullError):
+        log.error("%s: the slot map is full", what)
+        return pyfuse3.FUSEError(errno.ENOSPC)
+    log.exception("%s failed unexpectedly", what)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 class SwapFS(pyfuse3.Operations):
@@ -98,21 +111,21 @@ class SwapFS(pyfuse3.Operations):
             return b""  # EOF, as for any regular file
         try:
             return await self.device.read(off, min(size, self.device.size - off))
-        except DeviceError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:
+            raise _errno(e, "read") from None
 
     async def write(self, fh, off, buf):
         try:
             return await self.device.write(off, buf)
-        except DeviceError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:
+            raise _errno(e, "write") from None
 
     async def fallocate(self, fh, mode, offset, length):
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             try:
                 await self.device.discard(offset, length)
-            except DeviceError as e:
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except Exception as e:
+                raise _errno(e, "discard") from None
             return
         if mode == 0 and offset >= 0 and length > 0 and offset + length <= self.device.size:
             return  # "allocate" inside the fixed size: nothing to do, storage is thin

@@ -69,10 +69,13 @@ def harden(*, lock: bool = True) -> list[str]:
     return failed
 
 
-def prefault_heap(nbytes: int = 32 << 20) -> None:
-    """Grow the malloc heap once and keep it (trim is off), so requests reuse locked memory."""
-    buf = bytearray(nbytes)  # zero-filled: every page is touched, hence locked
-    del buf
+def prefault_heap(nbytes: int = 32 << 20, chunk: int = 1 << 20) -> None:
+    """Grow the malloc heap once and keep it (trim is off), so requests reuse locked memory.
+
+    Chunks stay below MALLOC_MMAP_THRESHOLD_ so they come from the heap, not from mmap
+    (which would be unmapped again on free)."""
+    bufs = [bytearray(chunk) for _ in range(nbytes // chunk)]  # zero-filled: touched, locked
+    del bufs
 
 
 def hardening_state(pid: int | str = "self") -> dict[str, object]:

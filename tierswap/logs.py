@@ -23,7 +23,15 @@ class JournalFormatter(logging.Formatter):
 
 
 def under_journal() -> bool:
-    return bool(os.environ.get("JOURNAL_STREAM"))
+    """True when stderr is the journal stream systemd gave us (systemd.exec(5)): the variable
+    alone is inherited by children that write elsewhere, so compare device and inode."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 def setup_logging(level: str | int | None = None) -> None:

@@ -158,6 +158,7 @@ class Policy:
                     moved += await self.device.move_run(run, to=t)
                 except DeviceError:
                     continue
+                await self.bucket.take(run.nbytes)
                 break
         self._promote_queue = []
         return moved
@@ -178,6 +179,8 @@ class Policy:
                     if e.errno == errno.ENOSPC:
                         return {"pages": moved}
                     raise
+                if only_when_needed:  # background cleaning is rate-limited; `compact` is not
+                    await self.bucket.take(run.nbytes)
                 await trio.sleep(0)
         return {"pages": moved}
 
@@ -279,7 +282,14 @@ class Policy:
             moved = (await self.clean(i))["pages"]
             sp = t.space
             for seg in sorted(sp.free):
-                await t.trim(seg * sp.seg_size, sp.seg_size)
+                if seg not in sp.free:
+                    continue  # a writer took it meanwhile
+                # withheld while the hole is punched: a writer must not fill it under us
+                sp.free.remove(seg)
+                try:
+                    await t.trim(seg * sp.seg_size, sp.seg_size)
+                finally:
+                    sp.free.append(seg)
         after = t.extra_statistics().get("file_allocated_bytes", 0)
         return {"pages": moved, "released_bytes": max(0, int(before) - int(after))}
 

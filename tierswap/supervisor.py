@@ -24,7 +24,7 @@ import trio
 
 from tierswap import hardening, system
 from tierswap.config import Config, format_size
-from tierswap.control import ControlError, acall, serve_control
+from tierswap.control import ControlError, acall, first_error, serve_control
 from tierswap.fs import FILE_NAME
 
 log = logging.getLogger("tierswap.supervisor")
@@ -259,17 +259,33 @@ class Supervisor:
 
     # -------------------------------------------------------------- tear-down
 
-    async def tear_down(self) -> None:
-        """swapoff, detach, stop shards (they unmount), in that order, whatever happened."""
-        sd_notify("STOPPING=1")
-        self.active = False
+    async def swapoff_all(self) -> list[str]:
+        """swapoff and detach every device; returns the failures (those stay active)."""
+        failed = []
         for dev in list(self.loops):
             try:
                 await trio.to_thread.run_sync(system.swapoff, dev, abandon_on_cancel=False)
             except system.SystemError_ as e:
-                log.error("%s", e)
+                failed.append(str(e))
+                continue
             await trio.to_thread.run_sync(system.loop_detach, dev)
-        self.loops.clear()
+            self.loops.remove(dev)
+        self.active = not failed and bool(self.loops)
+        return failed
+
+    async def tear_down(self) -> None:
+        """swapoff, detach, stop shards (they unmount), in that order, whatever happened.
+
+        If swapoff fails (say, not enough memory to take the pages back), the shards are left
+        serving: stopping them would lose every page still on the device. The state file stays,
+        so `tierswap down --force` finds them and retries the swapoff.
+        """
+        sd_notify("STOPPING=1")
+        failed = await self.swapoff_all()
+        if failed:
+            log.error("swap still active, shards left serving it (retry with "
+                      "'tierswap down --force'): %s", "; ".join(failed))
+            return
         for k, proc in enumerate(self.procs):
             if proc.poll() is None:
                 try:
@@ -298,9 +314,15 @@ class Supervisor:
             results[k] = await acall(self.config.shard_dir(k) / "control.sock", req,
                                      timeout=timeout)
 
-        async with trio.open_nursery() as n:
-            for k in range(len(self.procs)):
-                n.start_soon(one, k)
+        try:
+            async with trio.open_nursery() as n:
+                for k in range(len(self.procs)):
+                    n.start_soon(one, k)
+        except BaseExceptionGroup as eg:
+            err = first_error(eg)
+            if isinstance(err, ControlError):
+                raise err from None
+            raise
         return results
 
     async def handle(self, req: dict[str, Any], progress=None) -> Any:
@@ -313,6 +335,10 @@ class Supervisor:
         if cmd == "ping":
             return {"pid": os.getpid(), "active": self.active}
         if cmd == "down":
+            # swapoff here, so that a failure reaches the operator and nothing is stopped
+            failed = await self.swapoff_all()
+            if failed:
+                raise ControlError(f"swapoff failed, swap stays active: {failed[0]}")
             self.shutdown.set()
             return {"stopping": True}
         from tierswap.status import combine_command
@@ -331,8 +357,8 @@ class Supervisor:
             try:
                 await self.fanout({"cmd": "ping"}, timeout=interval)
                 sd_notify("WATCHDOG=1")
-            except ControlError as e:
-                log.error("watchdog: a shard does not answer: %s", e)
+            except Exception as e:  # a missed ping only withholds WATCHDOG=1
+                log.error("watchdog: a shard does not answer: %s", first_error(e))
             await trio.sleep(interval)
 
     async def status_line(self) -> None:
@@ -349,8 +375,8 @@ class Supervisor:
                     from tierswap.metrics import write_textfile
 
                     await trio.to_thread.run_sync(write_textfile, self.config.metrics.textfile, st)
-            except ControlError as e:
-                log.warning("status: %s", e)
+            except Exception as e:  # a status summary is never worth stopping swap for
+                log.warning("status: %s", first_error(e))
             await trio.sleep(self.config.metrics.interval)
 
     # -------------------------------------------------------------- main
