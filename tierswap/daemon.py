@@ -102,6 +102,8 @@ async def serve(config: Config, shard: int) -> None:
             for t in device.tiers:
                 if isinstance(t, MemoryTier):
                     nursery.start_soon(t.run_grower)
+                if hasattr(t, "run_background"):  # e.g. remote: reconnect and re-replicate
+                    await nursery.start(t.run_background)
             try:
                 from tierswap.policy import Policy
             except ImportError:

@@ -62,6 +62,7 @@ def prepare_file(path: Path, size: int) -> None:
 
 class FileTier(Tier):
     kind = "file"
+    sealer = None  # a tierswap.crypto.BlockSealer when the config says encrypt = true
 
     def __init__(self, cfg: TierConfig, index: int, capacity: int, fd: int, origin: int) -> None:
         super().__init__(cfg, index, capacity, align=ALIGN)
@@ -84,7 +85,12 @@ class FileTier(Tier):
         if os.fstat(fd).st_size < (shard + 1) * share:
             os.close(fd)
             raise TierError(errno.ENOSPC, f"tier {cfg.name}: {cfg.path} is smaller than configured")
-        return cls(cfg, index, share, fd, shard * share)
+        tier = cls(cfg, index, share, fd, shard * share)
+        if cfg.encrypt:
+            from tierswap.crypto import BlockSealer
+
+            tier.sealer = BlockSealer.for_tier(cls.kind, cfg.name, shard, share)
+        return tier
 
     async def _io(self, fn):
         async with self._free:
@@ -98,6 +104,8 @@ class FileTier(Tier):
                 self._pool.append(buf)
 
     async def write(self, base: int, data: bytes | memoryview) -> None:
+        if self.sealer is not None:
+            data = self.sealer.seal(base, data)
         n = len(data)
         if base % ALIGN or n > self._bufsize:
             raise TierError(errno.EINVAL, "unaligned or oversized file-tier write")
@@ -117,6 +125,11 @@ class FileTier(Tier):
         await self._io(work)
 
     async def read(self, base: int, length: int) -> bytes:
+        if self.sealer is not None:
+            return await self.sealer.read(base, length, self._read_raw, self.name)
+        return await self._read_raw(base, length)
+
+    async def _read_raw(self, base: int, length: int) -> bytes:
         start = base - base % ALIGN
         end = -(-(base + length) // ALIGN) * ALIGN
         if end - start > self._bufsize:
@@ -146,7 +159,10 @@ class FileTier(Tier):
 
     def extra_statistics(self) -> dict[str, object]:
         st = os.fstat(self.fd) if self.fd >= 0 else None
-        return {
+        extra: dict[str, object] = {
             "path": str(self.cfg.path),
             "file_allocated_bytes": st.st_blocks * 512 if st else 0,
         }
+        if self.sealer is not None:
+            extra["auth_failures"] = self.sealer.auth_failures
+        return extra
