@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from tierswap.config import ConfigError, format_size, load_config, parse_size
 from tierswap.control import ControlError, call
 
 UP_TIMEOUT = 180.0
+PING_TIMEOUT = 5.0
 
 
 class UsageError(Exception):
@@ -91,6 +93,8 @@ def cmd_down(args) -> int:
     pid = running_pid(config)
     if pid is not None:
         try:
+            # a supervisor that does not even answer a ping is wedged: no point waiting on it
+            call(config.control_socket, {"cmd": "ping"}, timeout=PING_TIMEOUT)
             call(config.control_socket, {"cmd": "down"}, timeout=args.timeout)
         except ControlError as e:
             if "swapoff failed" in str(e):
@@ -98,7 +102,7 @@ def cmd_down(args) -> int:
             if not args.force:
                 raise CliError(f"{e}; the supervisor (pid {pid}) does not answer: "
                                "use 'tierswap down --force'") from None
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
         # swapoff pulls every page back: give it the time it needs
         system.wait_for(lambda: not system.pid_alive(pid), timeout=args.timeout, interval=0.1)
         if system.pid_alive(pid):

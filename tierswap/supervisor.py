@@ -95,10 +95,18 @@ def stale_state(config: Config) -> list[str]:
     st = read_state(config) or {}
     left = [f"swap/loop {d}" for d in system.loops_backed_by(config.run_dir, _known_loops(st))]
     left += [f"mount {m}" for m in system.fuse_mounts_under(config.run_dir)]
-    for pid in [st.get("pid")] + [sh.get("pid") for sh in st.get("shards", [])]:
-        if pid and pid != os.getpid() and system.pid_alive(pid):
-            left.append(f"process {pid}")
+    left += [f"process {pid}" for pid in _our_pids(config, st)]
     return left
+
+
+def _config_path(config: Config) -> str | None:
+    return None if config.source.startswith("<") else config.source
+
+
+def _our_pids(config: Config, st: dict[str, Any]) -> list[int]:
+    pids = {p for p in [st.get("pid")] + [sh.get("pid") for sh in st.get("shards", [])] if p}
+    pids |= set(system.daemon_pids(_config_path(config)))
+    return sorted(p for p in pids if p != os.getpid() and system.pid_alive(p))
 
 
 def _shards_answer(config: Config, st: dict[str, Any]) -> bool:
@@ -127,11 +135,10 @@ def force_cleanup(config: Config) -> list[str]:
     loops = system.loops_backed_by(config.run_dir, known)
     graceful = _shards_answer(config, st)
     if not graceful:
-        for pid in [st.get("pid")] + [sh.get("pid") for sh in st.get("shards", [])]:
-            if pid and pid != os.getpid() and system.pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    done.append(f"killed process {pid}")
+        for pid in _our_pids(config, st):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                done.append(f"killed process {pid}")
         for mnt in system.fuse_mounts_under(config.run_dir):
             if system.abort_fuse(mountpoint=mnt):
                 done.append(f"aborted FUSE connection of {mnt}")

@@ -161,6 +161,30 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
     return predicate()
 
 
+def daemon_pids(config_path: str | None) -> list[int]:
+    """Supervisor and shard processes started with this config (by their command line): the
+    fallback when a crash left no state file to say which processes were ours."""
+    want = os.path.realpath(config_path) if config_path else None
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in (os.getpid(), os.getppid()):
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        shard = "tierswap.daemon" in args
+        supervisor = "up" in args and "--foreground" in args and (
+            "tierswap" in args or any(a.endswith("/tierswap") for a in args))
+        if not (shard or supervisor):
+            continue  # other CLI commands (our own caller among them) are not daemons
+        cfg = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        if (os.path.realpath(cfg) if cfg else None) == want:
+            out.append(int(d.name))
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

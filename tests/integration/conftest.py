@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import config_text, skip_without_capabilities, start, stop
+from tests.integration.harness import (
+    config_text,
+    leftovers,
+    skip_without_capabilities,
+    start,
+    stop,
+)
 
 
 @pytest.fixture
@@ -15,8 +21,10 @@ def base():
     # not under pytest's tmp_path: keep mount paths short and off any tmpfs quirks
     d = Path(tempfile.mkdtemp(prefix="tierswap-test-", dir="/var/tmp"))
     yield d
-    # instances using `d` were stopped by now (fixture teardown runs in reverse order)
-    shutil.rmtree(d, ignore_errors=True)
+    # instances using `d` were stopped by now (fixture teardown runs in reverse order);
+    # if one was not, keep its files: deleting them under a live swap device loses its state
+    if not leftovers(d / "run"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
