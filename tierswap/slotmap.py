@@ -170,12 +170,12 @@ class SlotMap:
     def _put(self, txn: lmdb.Transaction, run: Run) -> None:
         key = _KEY.pack(run.start)
         txn.put(key, encode(run), db=self.runs)
-        if run.tier != ZERO_TIER:
+        if run.tier != ZERO_TIER and run.lens.any():  # a run without bytes has no segment
             txn.put(_REV.pack(run.tier, run.base >> self.seg_shift, run.start), b"", db=self.rev)
 
     def _delete(self, txn: lmdb.Transaction, run: Run) -> None:
         txn.delete(_KEY.pack(run.start), db=self.runs)
-        if run.tier != ZERO_TIER:
+        if run.tier != ZERO_TIER and run.lens.any():
             txn.delete(_REV.pack(run.tier, run.base >> self.seg_shift, run.start), db=self.rev)
 
     def replace(self, first: int, last: int, new: list[Run]) -> list[Run]:

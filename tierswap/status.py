@@ -15,6 +15,32 @@ _SUM_TIER = ("pages", "zero_pages", "stored_bytes", "capacity_bytes", "available
              "free_bytes", "segments", "free_segments", "free_extents")
 
 
+# Extras that describe the tier, not a shard's share of it: never summed.
+_SAME = {"file_allocated_bytes", "replicas", "path"}
+
+
+def combine_extra(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up shard extras: counters are summed, per-target lists merged by URL (a target is
+    up only if every shard reaches it), descriptive values kept as they are."""
+    extra: dict[str, Any] = {}
+    for p in parts:
+        for k, v in p.items():
+            if k == "targets":
+                merged = {t["url"]: dict(t) for t in extra.get("targets", [])}
+                for t in v:
+                    m = merged.setdefault(t["url"], {**t, "errors": 0, "reconnects": 0,
+                                                      "resync_pending": 0, "up": True})
+                    m["up"] = m["up"] and t["up"]
+                    for c in ("errors", "reconnects", "resync_pending"):
+                        m[c] += t.get(c, 0)
+                extra["targets"] = list(merged.values())
+            elif isinstance(v, int | float) and not isinstance(v, bool) and k not in _SAME:
+                extra[k] = extra.get(k, 0) + v
+            else:
+                extra[k] = v
+    return extra
+
+
 def combine_status(config: Config, loops: list[str], shards: list[dict[str, Any]],
                    *, active: bool) -> dict[str, Any]:
     tiers: list[dict[str, Any]] = []
@@ -29,15 +55,7 @@ def combine_status(config: Config, loops: list[str], shards: list[dict[str, Any]
         t["counters"] = {k: sum(p["counters"][k] for p in parts) for k in parts[0]["counters"]}
         t["compression_ratio"] = (t["pages"] * PAGE_SIZE / t["stored_bytes"]
                                   if t["stored_bytes"] else 0.0)
-        extra: dict[str, Any] = {}
-        for p in parts:
-            for k, v in p.get("extra", {}).items():
-                numeric = isinstance(v, int | float) and not isinstance(v, bool)
-                if numeric and k != "file_allocated_bytes":  # shards share one tier file
-                    extra[k] = extra.get(k, 0) + v
-                else:
-                    extra[k] = v
-        t.update(extra)
+        t.update(combine_extra([p.get("extra", {}) for p in parts]))
         tiers.append(t)
     stored = sum(s["stored_pages"] for s in shards)
     stored_bytes = sum(s["stored_bytes"] for s in shards)

@@ -57,7 +57,7 @@ def rev_entries(m: SlotMap) -> int:
 
 def check_reverse_index(m: SlotMap) -> None:
     runs = all_runs(m)
-    stored = [r for r in runs if r.tier != ZERO_TIER]
+    stored = [r for r in runs if r.tier != ZERO_TIER and r.lens.any()]  # bytes: a segment
     assert rev_entries(m) == len(stored)
     for r in stored:
         found = m.runs_in_segment(r.tier, r.base >> SEG_SHIFT)

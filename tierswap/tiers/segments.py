@@ -119,10 +119,13 @@ class SegmentSpace:
 
     def release(self, bases: np.ndarray, nbytes: np.ndarray) -> None:
         """Free stored extents (vectorised over runs/pages): lower live counts, retire empties."""
-        if len(bases) == 0:
+        nb = np.asarray(nbytes, np.int64)
+        keep = nb > 0  # an empty extent frees nothing (and must not retire a segment twice)
+        if not keep.all():
+            bases, nb = np.asarray(bases)[keep], nb[keep]
+        if len(nb) == 0:
             return
         segs = np.asarray(bases, np.int64) >> self.seg_shift
-        nb = np.asarray(nbytes, np.int64)
         touched, inv = np.unique(segs, return_inverse=True)
         dec = np.bincount(inv, weights=nb).astype(np.int64)
         self.live[touched] -= dec
