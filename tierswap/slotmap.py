@@ -196,7 +196,39 @@ class SlotMap:
                     self._put(txn, run.clip(last, run.end))
             for run in new:
                 self._put(txn, run)
+            if new:
+                self._merge_at(txn, new[0].start)
+                self._merge_at(txn, new[-1].end)
         return removed
+
+    def _merge_at(self, txn: lmdb.Transaction, boundary: int) -> None:
+        """Join the runs that meet at page `boundary` when they are one contiguous extent.
+
+        The kernel swaps out neighbouring slots in separate small requests; packed back to back
+        in one segment they form one run, and one record costs far less than several."""
+        cur = txn.cursor(db=self.runs)
+        if not cur.set_key(_KEY.pack(boundary)):
+            return
+        right = decode(cur.key(), cur.value())
+        if not cur.prev():
+            return
+        left = decode(cur.key(), cur.value())
+        if left.end != boundary or left.tier != right.tier:
+            return
+        if left.npages + right.npages > MAX_RUN:
+            return
+        if left.tier != ZERO_TIER:
+            end = left.base + left.nbytes
+            if end != right.base:
+                return
+            last = end + right.nbytes - 1
+            if right.nbytes and (left.base >> self.seg_shift) != (last >> self.seg_shift):
+                return  # a run never spans segments
+        merged = Run(left.start, left.tier, left.base, np.concatenate([left.lens, right.lens]),
+                     max(left.epoch, right.epoch))
+        self._delete(txn, left)
+        self._delete(txn, right)
+        self._put(txn, merged)
 
     def relocate(self, old: Run, new: list[Run]) -> bool:
         """Replace record `old` by `new` (same pages), only if the map still holds exactly `old`.

@@ -380,3 +380,21 @@ SlotMapMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=25, deadline=None
 )
 test_slotmap_against_model = SlotMapMachine.TestCase
+
+
+def test_adjacent_contiguous_runs_merge_into_one_record(smap: SlotMap) -> None:
+    # the kernel writes slots 0..3 and 4..7 in two requests, packed back to back
+    smap.replace(0, 4, [mkrun(0, 0, 1000, [10, 20, 30, 40], epoch=1)])
+    smap.replace(4, 8, [mkrun(4, 0, 1100, [5, 5, 5, 5], epoch=2)])
+    assert smap.statistics().runs == 1
+    (run,) = smap.lookup(0, 8)
+    assert (run.start, run.base, list(run.lens), run.epoch) == (
+        0, 1000, [10, 20, 30, 40, 5, 5, 5, 5], 2)
+    assert [r.start for r in smap.runs_in_segment(0, 0)] == [0]
+    # not contiguous in bytes, another tier, or across a segment: kept apart
+    smap.replace(8, 9, [mkrun(8, 0, 5000, [7])])
+    smap.replace(9, 10, [mkrun(9, 1, 5007, [7])])
+    seg = 1 << SEG_SHIFT
+    smap.replace(20, 21, [mkrun(20, 0, seg - 10, [10])])
+    smap.replace(21, 22, [mkrun(21, 0, seg, [10])])
+    assert smap.statistics().runs == 5
