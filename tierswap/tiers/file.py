@@ -69,7 +69,9 @@ class FileTier(Tier):
         self.fd = fd
         self.origin = origin
         self._bufsize = SEG_SIZE + 2 * ALIGN
-        self._pool = [mmap.mmap(-1, self._bufsize) for _ in range(BUFFERS)]
+        # populated now (and locked by mlockall): I/O never faults in a buffer under pressure
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        self._pool = [mmap.mmap(-1, self._bufsize, flags=flags) for _ in range(BUFFERS)]
         self._free = trio.Semaphore(BUFFERS)
         self._limiter = trio.CapacityLimiter(BUFFERS)
 
