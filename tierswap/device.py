@@ -107,10 +107,14 @@ class VirtualSwapDevice:
             if r.tier != ZERO_TIER:
                 by_tier.setdefault(r.tier, []).append(r)
         for t, runs in by_tier.items():
+            space = self.tiers[t].space
+            if len(runs) <= 8:
+                for r in runs:
+                    space.release_one(r.base, r.nbytes)
+                continue
             bases = np.fromiter((r.base for r in runs), np.int64, len(runs))
             sizes = np.fromiter((r.nbytes for r in runs), np.int64, len(runs))
-            keep = sizes > 0
-            self.tiers[t].space.release(bases[keep], sizes[keep])
+            space.release(bases, sizes)
 
     async def _coded(self, fn, *args, pages: int):
         if pages <= THREAD_PAGES:

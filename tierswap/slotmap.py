@@ -31,9 +31,17 @@ import numpy as np
 
 ZERO_TIER = 255  # a run of zero pages only: no storage anywhere
 MAX_RUN = 512  # pages per record, so a record stays well inside one LMDB page
+# Runs of this many pages are not grown further by joining: rewriting a record costs its size,
+# and past this the per-page share of a record's overhead is already below half a byte.
+JOIN_BELOW = 64
 _HDR = struct.Struct("<BBHIQ")
 _KEY = struct.Struct(">Q")
 _REV = struct.Struct(">BIQ")
+
+
+def total(lens: np.ndarray) -> int:
+    """Sum of stored lengths; plain Python below ~32 items, where numpy's call costs more."""
+    return sum(lens.tolist()) if len(lens) < 32 else int(lens.sum(dtype=np.int64))
 
 
 class Run(NamedTuple):
@@ -53,7 +61,7 @@ class Run(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return int(self.lens.sum(dtype=np.int64))
+        return total(self.lens)
 
     def offsets(self) -> np.ndarray:
         """Byte offset of each page relative to `base` (int64, length npages + 1)."""
@@ -64,7 +72,9 @@ class Run(NamedTuple):
     def clip(self, first: int, last: int) -> Run:
         """The part of this run inside [first, last), with its base moved accordingly."""
         a, b = max(first, self.start) - self.start, min(last, self.end) - self.start
-        skip = int(self.lens[:a].sum(dtype=np.int64))
+        if a == 0 and b == len(self.lens):
+            return self
+        skip = total(self.lens[:a])
         return Run(self.start + a, self.tier, self.base + skip, self.lens[a:b], self.epoch)
 
 
@@ -196,9 +206,8 @@ class SlotMap:
                     self._put(txn, run.clip(last, run.end))
             for run in new:
                 self._put(txn, run)
-            if new:
+            if new:  # swap writes ascending slots: joining on the left catches nearly all
                 self._merge_at(txn, new[0].start)
-                self._merge_at(txn, new[-1].end)
         return removed
 
     def _merge_at(self, txn: lmdb.Transaction, boundary: int) -> None:
@@ -209,14 +218,17 @@ class SlotMap:
         cur = txn.cursor(db=self.runs)
         if not cur.set_key(_KEY.pack(boundary)):
             return
-        right = decode(cur.key(), cur.value())
+        r_key, r_val = cur.item()
         if not cur.prev():
             return
-        left = decode(cur.key(), cur.value())
-        if left.end != boundary or left.tier != right.tier:
+        l_key, l_val = cur.item()
+        # header fields only: most neighbours fail these checks
+        l_tier, _, l_n, _, _ = _HDR.unpack_from(l_val)
+        r_tier, _, r_n, _, _ = _HDR.unpack_from(r_val)
+        if (l_tier != r_tier or l_n >= JOIN_BELOW or l_n + r_n > MAX_RUN
+                or _KEY.unpack(l_key)[0] + l_n != boundary):
             return
-        if left.npages + right.npages > MAX_RUN:
-            return
+        left, right = decode(l_key, l_val), decode(r_key, r_val)
         if left.tier != ZERO_TIER:
             end = left.base + left.nbytes
             if end != right.base:

@@ -383,7 +383,7 @@ test_slotmap_against_model = SlotMapMachine.TestCase
 
 
 def test_adjacent_contiguous_runs_merge_into_one_record(smap: SlotMap) -> None:
-    # the kernel writes slots 0..3 and 4..7 in two requests, packed back to back
+    # the kernel writes slots 0..3 and 4..7 in two requests, packed back to back (left join)
     smap.replace(0, 4, [mkrun(0, 0, 1000, [10, 20, 30, 40], epoch=1)])
     smap.replace(4, 8, [mkrun(4, 0, 1100, [5, 5, 5, 5], epoch=2)])
     assert smap.statistics().runs == 1

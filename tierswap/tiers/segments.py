@@ -117,6 +117,18 @@ class SegmentSpace:
 
     # ------------------------------------------------------------ freeing
 
+    def release_one(self, base: int, nbytes: int) -> None:
+        """Free one stored extent (the common case: a request's run or two)."""
+        if nbytes <= 0:
+            return
+        seg = base >> self.seg_shift
+        live = int(self.live[seg]) - nbytes
+        assert live >= 0, "live byte count went negative"
+        self.live[seg] = live
+        self.live_total -= nbytes
+        if live == 0 and seg != self.open_seg:
+            self._retire(seg)
+
     def release(self, bases: np.ndarray, nbytes: np.ndarray) -> None:
         """Free stored extents (vectorised over runs/pages): lower live counts, retire empties."""
         nb = np.asarray(nbytes, np.int64)
