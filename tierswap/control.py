@@ -32,6 +32,18 @@ Progress = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Progress], Awaitable[Any]]
 
 
+def _reply(line: bytes, on_progress: Callable[[dict[str, Any]], None] | None) -> tuple[bool, Any]:
+    """One reply line: (True, result) when final, (False, None) after a progress line."""
+    msg = json.loads(line)
+    if "progress" in msg:
+        if on_progress:
+            on_progress(msg["progress"])
+        return False, None
+    if not msg.get("ok"):
+        raise ControlError(msg.get("error", "unknown error"))
+    return True, msg.get("result")
+
+
 def first_error(e: BaseException) -> BaseException:
     """The first leaf of a (nested) exception group: trio nurseries wrap errors in groups."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
@@ -133,14 +145,9 @@ async def acall(path: Path, req: dict[str, Any], *, timeout: float = 30.0,
                     line = await _read_line(stream, buf)
                     if line is None:
                         raise ControlError(f"{path}: connection closed without a reply")
-                    msg = json.loads(line)
-                    if "progress" in msg:
-                        if on_progress:
-                            on_progress(msg["progress"])
-                        continue
-                    if not msg.get("ok"):
-                        raise ControlError(msg.get("error", "unknown error"))
-                    return msg.get("result")
+                    final, result = _reply(line, on_progress)
+                    if final:
+                        return result
     except trio.TooSlowError:
         raise ControlError(f"{path}: no reply within {timeout:.0f}s") from None
     except OSError as e:
@@ -167,14 +174,9 @@ def call(path: Path, req: dict[str, Any], *, timeout: float | None = 30.0,
             line = f.readline(MAX_MESSAGE * 16)
             if not line:
                 raise ControlError("the daemon closed the connection without a reply")
-            msg = json.loads(line)
-            if "progress" in msg:
-                if on_progress:
-                    on_progress(msg["progress"])
-                continue
-            if not msg.get("ok"):
-                raise ControlError(msg.get("error", "unknown error"))
-            return msg.get("result")
+            final, result = _reply(line, on_progress)
+            if final:
+                return result
     except TimeoutError:
         raise ControlError("the daemon did not answer in time") from None
     finally:

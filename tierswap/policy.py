@@ -209,68 +209,65 @@ class Policy:
             raise ControlError("a tier name is required")
         return self.shard.tier_index(name)
 
+    async def _move(self, runs: list[Run], progress, *, to: Tier | None, full: str,
+                    pages: int | None = None, nbytes: int | None = None,
+                    total: int | None = None, done: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """Move runs in order until the page or byte budget is met; report progress.
+
+        `to=None` places each run in the first tier with room (a draining tier takes nothing).
+        ENOSPC becomes a ControlError naming how far it got (`full` is its wording)."""
+        moved_pages, moved_bytes = done
+        for run in runs:
+            if pages is not None and moved_pages >= pages:
+                break
+            if nbytes is not None and moved_bytes >= nbytes:
+                break
+            n = run.npages if pages is None else min(run.npages, pages - moved_pages)
+            size = run.clip(run.start, run.start + n).nbytes
+            try:
+                ok = await self.device.move_run(run, n, to=to)
+            except DeviceError as e:
+                if e.errno == errno.ENOSPC:
+                    raise ControlError(full.format(moved=moved_pages)) from None
+                raise
+            if ok:
+                moved_pages += ok
+                moved_bytes += size
+                await progress({"pages": moved_pages, "total": total})
+        return moved_pages, moved_bytes
+
     async def migrate(self, req: dict[str, Any], progress) -> dict[str, int]:
         src, dst = self._tier(req.get("from")), self._tier(req.get("to"))
         if src == dst:
             raise ControlError("--from and --to name the same tier")
-        want_pages = req.get("pages")
-        want_bytes = req.get("bytes")
+        want_pages, want_bytes = req.get("pages"), req.get("bytes")
         if not req.get("all") and want_pages is None and want_bytes is None:
             raise ControlError("say how much: pages, bytes or all")
-        idle_for = float(req.get("idle_for") or 0)
         dst_tier = self.device.tiers[dst]
         if dst_tier.space.draining:
             raise ControlError(f"tier {dst_tier.name} is draining")
-        moved_pages = moved_bytes = 0
-        total = want_pages if want_pages is not None else None
         async with self.lock:
-            for run in self.coldest(src, idle_for):
-                if want_pages is not None and moved_pages >= want_pages:
-                    break
-                if want_bytes is not None and moved_bytes >= want_bytes:
-                    break
-                n = run.npages
-                if want_pages is not None:
-                    n = min(n, want_pages - moved_pages)
-                nbytes = run.clip(run.start, run.start + n).nbytes
-                try:
-                    done = await self.device.move_run(run, n, to=dst_tier)
-                except DeviceError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise ControlError(f"tier {dst_tier.name} is full after moving "
-                                           f"{moved_pages} pages") from None
-                    raise
-                if done:
-                    moved_pages += done
-                    moved_bytes += nbytes
-                    await progress({"pages": moved_pages, "total": total})
-        return {"pages": moved_pages, "bytes": moved_bytes}
+            pages, nbytes = await self._move(
+                self.coldest(src, float(req.get("idle_for") or 0)), progress, to=dst_tier,
+                pages=want_pages, nbytes=want_bytes, total=want_pages,
+                full=f"tier {dst_tier.name} is full after moving {{moved}} pages")
+        return {"pages": pages, "bytes": nbytes}
 
     async def drain(self, req: dict[str, Any], progress) -> dict[str, int]:
         i = self._tier(req.get("tier"))
         t = self.device.tiers[i]
         t.space.draining = True
-        total = t.pages + t.zero_pages
-        moved = moved_bytes = 0
+        done = (0, 0)
         async with self.lock:
             for _attempt in range(3):  # runs changed under a move are picked up again
                 runs = self.tier_runs(i)
                 if not runs:
                     break
-                for run in runs:
-                    nbytes = run.nbytes
-                    try:
-                        done = await self.device.move_run(run)
-                    except DeviceError as e:
-                        if e.errno == errno.ENOSPC:
-                            raise ControlError(f"no other tier has room to drain {t.name} "
-                                               f"({moved} pages moved; still draining)") from None
-                        raise
-                    if done:
-                        moved += done
-                        moved_bytes += nbytes
-                        await progress({"pages": moved, "total": total})
-        return {"pages": moved, "bytes": moved_bytes, "left": t.pages}
+                done = await self._move(
+                    runs, progress, to=None, total=t.pages + t.zero_pages + done[0], done=done,
+                    full=f"no other tier has room to drain {t.name} "
+                         f"({{moved}} pages moved; still draining)")
+        return {"pages": done[0], "bytes": done[1], "left": t.pages}
 
     async def compact(self, req: dict[str, Any]) -> dict[str, int]:
         i = self._tier(req.get("tier"))
