@@ -13,9 +13,7 @@ import errno
 import ipaddress
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.netutil import free_port, wait_listening
 from tierswap.nbd import (
     MAX_PAYLOAD,
     NBD_REP_ERR_TLS_REQD,
@@ -63,21 +62,6 @@ class Server:
         self.proc.wait(timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.01)
-    return False
 
 
 @pytest.fixture
@@ -89,7 +73,7 @@ def nbdkit(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     def start(*args: str) -> Server:
         for _ in range(3):  # the free port can be taken between probe and bind: retry
-            port = _free_port()
+            port = free_port()
             log = tmp_path / f"nbdkit-{port}.log"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
@@ -97,7 +81,7 @@ def nbdkit(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                      *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             server = Server(proc, port, log)
             servers.append(server)
-            if _wait_listening(proc, port, 5.0):
+            if wait_listening(proc, port, 5.0):
                 return server
             server.stop()
             if "in use" not in log.read_text():
@@ -384,7 +368,7 @@ async def test_eshutdown_stops_new_requests(nbdkit: Callable[..., Server]) -> No
 
 async def test_connect_failures(nbdkit: Callable[..., Server]) -> None:
     with pytest.raises(NBDDisconnected, match="cannot connect"):
-        async with open_nbd_client(f"nbd://127.0.0.1:{_free_port()}/", timeout=2):
+        async with open_nbd_client(f"nbd://127.0.0.1:{free_port()}/", timeout=2):
             pass
     silent = trio.socket.socket()
     await silent.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import trio
 
+from tests.netutil import free_port, wait_listening
 from tierswap.config import Config, parse_config
 from tierswap.crypto import BLOCK
 from tierswap.device import open_device
@@ -40,7 +40,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         for _ in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             if self.start():
                 return
         pytest.fail(f"nbdkit {' '.join(args)} did not start")
@@ -57,7 +57,7 @@ class Server:
                     ["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p",
                      str(self.port), *self.args],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            if _wait_listening(self.proc, self.port, 5.0):
+            if wait_listening(self.proc, self.port, 5.0):
                 return True
             self.kill()
             time.sleep(0.1)
@@ -70,21 +70,6 @@ class Server:
             self.proc.wait(timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.01)
-    return False
 
 
 @pytest.fixture
