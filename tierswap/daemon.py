@@ -27,6 +27,7 @@ from tierswap.control import ControlError, serve_control
 from tierswap.device import VirtualSwapDevice, open_device
 from tierswap.fs import FILE_NAME, SwapFS
 from tierswap.logs import setup_logging
+from tierswap.policy import Policy
 from tierswap.tiers.memory import MemoryTier
 
 log = logging.getLogger("tierswap.daemon")
@@ -45,7 +46,7 @@ class Shard:
         self.shard = shard
         self.device = device
         self.stop = trio.Event()
-        self.policy = None  # tierswap.policy.Policy, attached when the engine starts
+        self.policy: Policy | None = None  # the tiering engine, attached once serving
 
     def tier_index(self, name: str) -> int:
         for t in self.device.tiers:
@@ -104,13 +105,8 @@ async def serve(config: Config, shard: int) -> None:
                     nursery.start_soon(t.run_grower)
                 if hasattr(t, "run_background"):  # e.g. remote: reconnect and re-replicate
                     await nursery.start(t.run_background)
-            try:
-                from tierswap.policy import Policy
-            except ImportError:
-                Policy = None
-            if Policy is not None:
-                me.policy = Policy(me)
-                nursery.start_soon(me.policy.run)
+            me.policy = Policy(me)
+            nursery.start_soon(me.policy.run)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 nursery.start_soon(_wait_signal, signals, me.stop)
                 log.info("shard %d serving %s (%d pages)", shard, mnt / FILE_NAME.decode(),

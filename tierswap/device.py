@@ -222,8 +222,7 @@ class VirtualSwapDevice:
                 if a == n:
                     break
                 pieces = tier.space.allocate(lens[a:])
-                if hasattr(tier, "note_allocation"):
-                    tier.note_allocation()
+                tier.note_allocation()
                 for p in pieces:
                     placed.append((tier, a + p.a, a + p.b, p.base))
                 for p in pieces:

@@ -181,6 +181,7 @@ class Supervisor:
         self.shutdown = trio.Event()
         self.active = False
         self.started = time.time()
+        self._bring_up_scope: trio.CancelScope | None = None  # cancelled by a signal
 
     # -------------------------------------------------------------- bring-up
 
@@ -428,7 +429,7 @@ class Supervisor:
         async for _ in sigs:
             log.info("signal received: stopping")
             self.shutdown.set()
-            if not self.active and getattr(self, "_bring_up_scope", None) is not None:
+            if not self.active and self._bring_up_scope is not None:
                 self._bring_up_scope.cancel()
 
 

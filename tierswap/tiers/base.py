@@ -84,6 +84,9 @@ class Tier(ABC):
         """Store without awaiting when the tier can (memory); False means use `write`."""
         return False
 
+    def note_allocation(self) -> None:  # noqa: B027 - a hook, empty unless a tier needs it
+        """Called after space was taken from this tier (the memory tier wakes its grower)."""
+
     def read_nowait(self, base: int, length: int) -> bytes | None:
         """Copy out without awaiting when the tier can (memory); None means use `read`."""
         return None
