@@ -455,11 +455,16 @@ class Zram(Backend):
         if self.dev is None:
             return
         swapoff(self.dev)
+        name = Path(self.dev).name
         sh(["zramctl", "--reset", self.dev], check=False)
-        if self.hot_added:
-            with contextlib.suppress(OSError):
-                Path("/sys/class/zram-control/hot_remove").write_text(
-                    Path(self.dev).name.removeprefix("zram"))
+        # zramctl --reset also hot-removes the device when zram-control exists (util-linux
+        # 2.38): remove one we added, put back one that was there before we came.
+        present = (Path("/sys/block") / name).exists()
+        with contextlib.suppress(OSError, ValueError):
+            if self.hot_added and present:
+                Path("/sys/class/zram-control/hot_remove").write_text(name.removeprefix("zram"))
+            elif not self.hot_added and not present:
+                Path("/sys/class/zram-control/hot_add").read_text()
         self.dev = None
 
     def swap_names(self) -> list[str]:
