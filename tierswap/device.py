@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -429,7 +430,10 @@ async def open_device(config, shard: int) -> VirtualSwapDevice:
     share = config.size // config.shards
     npages = share // PAGE_SIZE
     map_size = (npages * MAP_BYTES_PER_PAGE + MAP_EXTRA + (1 << 20) - 1) >> 20 << 20
-    map_dir = config.state_dir / f"shard{shard}" / "map"
+    shard_dir = config.state_dir / f"shard{shard}"
+    shard_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(shard_dir, 0o700)  # mkdir's mode is cut by the umask; the map is private
+    map_dir = shard_dir / "map"
     slotmap = SlotMap(map_dir, map_size, SEG_SIZE.bit_length() - 1)
     tiers: list[Tier] = []
     try:

@@ -70,6 +70,7 @@ def combine_status(config: Config, loops: list[str], shards: list[dict[str, Any]
         "size_bytes": config.size,
         "priority": config.priority,
         "swap_used_bytes": sum(swaps.get(d, {}).get("used", 0) for d in loops),
+        "swap_used_by_device": {d: swaps.get(d, {}).get("used", 0) for d in loops},
         "pages": {"stored": stored, "zero": sum(s["zero_pages"] for s in shards)},
         "stored_bytes": stored_bytes,
         "tiers": tiers,
@@ -94,16 +95,15 @@ def render_table(st: dict[str, Any]) -> str:
     lines = []
     lines.append(f"{'NAME':<14}{'SIZE':>8}{'USED':>8}{'PRIO':>6}  {'STORED':>9} {'ZERO':>9} "
                  f"{'RATIO':>6} {'META':>8}")
+    share = st["size_bytes"] // max(1, st["shards"])
+    used = st.get("swap_used_by_device", {})
     for i, dev in enumerate(st["devices"] or ["-"]):
-        share = st["size_bytes"] // max(1, st["shards"])
-        if i == 0:
-            lines.append(
-                f"{dev:<14}{format_size(share):>8}{format_size(st['swap_used_bytes']):>8}"
-                f"{st['priority']:>6}  {st['pages']['stored']:>9} {st['pages']['zero']:>9} "
-                f"{st['compression_ratio']:>6.2f} {format_size(st['metadata_bytes']):>8}"
-            )
-        else:
-            lines.append(f"{dev:<14}{format_size(share):>8}")
+        row = (f"{dev:<14}{format_size(share):>8}{format_size(used.get(dev, 0)):>8}"
+               f"{st['priority']:>6}")
+        if i == 0:  # the pages, ratio and map are the device's as a whole (all shards)
+            row += (f"  {st['pages']['stored']:>9} {st['pages']['zero']:>9} "
+                    f"{st['compression_ratio']:>6.2f} {format_size(st['metadata_bytes']):>8}")
+        lines.append(row)
     lines.append("")
     lines.append(f"{'TIER':<10}{'KIND':<8}{'PAGES':>10}{'STORED':>9}{'CAPACITY':>10}{'RATIO':>7}"
                  f"{'IN':>10}{'OUT':>10}  STATE")

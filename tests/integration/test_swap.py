@@ -99,11 +99,14 @@ def test_status_json_contract(make_instance):
 
 def test_private_files_and_no_allow_other(make_instance):
     inst = make_instance(size="1G", ram="16M", disk="1G")
-    for p in (inst.run_dir, inst.base / "state"):
-        assert p.stat().st_mode & 0o777 == 0o700, p
     for p in (inst.run_dir / "control.sock", inst.run_dir / "state.json",
               inst.base / "state" / "disk.tier"):
         assert p.stat().st_mode & 0o777 == 0o600, p
+    # everything we create, down to the slot map and the FUSE file, is private to root
+    for top in (inst.run_dir, inst.base / "state"):
+        for p in [top, *top.rglob("*")]:
+            want = 0o700 if p.is_dir() else 0o600
+            assert p.stat().st_mode & 0o777 == want, p
     with open("/proc/self/mounts") as f:
         ours = [ln for ln in f if str(inst.run_dir) in ln]
     assert ours and all("allow_other" not in ln for ln in ours)
