@@ -171,8 +171,10 @@ class Policy:
                                  * sp.seg_size):
             return {"pages": 0}
         moved = 0
-        for seg in sp.sparse_segments(CLEAN_BELOW, limit=sp.available):
-            for run in self.device.map.runs_in_segment(i, seg):
+        segs = sp.sparse_segments(CLEAN_BELOW, limit=sp.available)
+        by_seg = self.device.map.runs_by_segment(i, set(segs)) if segs else {}
+        for seg in segs:
+            for run in by_seg[seg]:
                 try:
                     moved += await self.device.move_run(run, to=t)
                 except DeviceError as e:

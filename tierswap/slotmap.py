@@ -9,8 +9,9 @@ page is what brings the map under ~3 bytes per stored page for swap's large writ
 Record layout (little-endian):  key   = first page index, u64 big-endian (so LMDB orders it)
                                  value = tier u8 | flags u8 | npages u16 | epoch u32 | base u64
                                          | lens u16[npages]
-Runs never overlap. A second LMDB database (``rev``) maps (tier, segment, first page) -> b""
-so a tier can find the runs stored in a segment when it cleans or drains it.
+Runs never overlap. There is no reverse index: finding the runs stored in given segments (to
+clean them) is one scan of the map, done rarely and off the I/O path; an index entry per run
+would cost more than the run record's own overhead (measured: ~35 of ~120 bytes per run).
 
 Concurrency: every method is synchronous and runs on the trio thread; callers rely on "no
 await between lookup and the use of its result" for the memory tier (see
@@ -36,7 +37,6 @@ MAX_RUN = 512  # pages per record, so a record stays well inside one LMDB page
 JOIN_BELOW = 64
 _HDR = struct.Struct("<BBHIQ")
 _KEY = struct.Struct(">Q")
-_REV = struct.Struct(">BIQ")
 
 
 def total(lens: np.ndarray) -> int:
@@ -98,7 +98,7 @@ class MapStatistics:
 
 
 class SlotMap:
-    """Ordered run map over LMDB with a reverse index by tier segment."""
+    """Ordered run map over LMDB: one record per run of pages."""
 
     def __init__(self, path: Path, map_size: int, seg_shift: int) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -107,11 +107,10 @@ class SlotMap:
         # Fixed map size: LMDB never grows the mapping, so the map cannot take memory beyond
         # what was budgeted; a full map fails writes with ENOSPC instead.
         self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=2, sync=False, metasync=False, lock=False,
+            str(path), map_size=map_size, max_dbs=1, sync=False, metasync=False, lock=False,
             writemap=True, meminit=False, readahead=False, subdir=True, mode=0o600,
         )
         self.runs = self.env.open_db(b"runs")
-        self.rev = self.env.open_db(b"rev")
         self.seg_shift = seg_shift
         self.map_size = map_size
 
@@ -153,19 +152,17 @@ class SlotMap:
             v = txn.get(_KEY.pack(start))
             return None if v is None else decode(_KEY.pack(start), v)
 
-    def runs_in_segment(self, tier: int, seg: int) -> list[Run]:
-        out = []
-        prefix = _REV.pack(tier, seg, 0)[:5]
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.rev)
-            runs = txn.cursor(db=self.runs)
-            if cur.set_range(prefix):
-                for key in cur.iternext(keys=True, values=False):
-                    if key[:5] != prefix:
-                        break
-                    k = key[5:]
-                    out.append(decode(k, runs.get(k)))
+    def runs_by_segment(self, tier: int, segs: set[int]) -> dict[int, list[Run]]:
+        """The runs of `tier` stored in each of `segs` (runs never span segments): one scan."""
+        out: dict[int, list[Run]] = {s: [] for s in segs}
+        for run in self.iter_runs(tier):
+            seg = run.base >> self.seg_shift
+            if seg in out and run.lens.any():
+                out[seg].append(run)
         return out
+
+    def runs_in_segment(self, tier: int, seg: int) -> list[Run]:
+        return self.runs_by_segment(tier, {seg})[seg]
 
     def iter_runs(self, tier: int | None = None):
         """All runs (of one tier), in page order; for inspection and policy scans."""
@@ -178,15 +175,10 @@ class SlotMap:
     # ------------------------------------------------------------------ updates
 
     def _put(self, txn: lmdb.Transaction, run: Run) -> None:
-        key = _KEY.pack(run.start)
-        txn.put(key, encode(run), db=self.runs)
-        if run.tier != ZERO_TIER and run.lens.any():  # a run without bytes has no segment
-            txn.put(_REV.pack(run.tier, run.base >> self.seg_shift, run.start), b"", db=self.rev)
+        txn.put(_KEY.pack(run.start), encode(run), db=self.runs)
 
     def _delete(self, txn: lmdb.Transaction, run: Run) -> None:
         txn.delete(_KEY.pack(run.start), db=self.runs)
-        if run.tier != ZERO_TIER and run.lens.any():
-            txn.delete(_REV.pack(run.tier, run.base >> self.seg_shift, run.start), db=self.rev)
 
     def replace(self, first: int, last: int, new: list[Run]) -> list[Run]:
         """Drop pages [first, last) from the map, then insert `new` (which must lie inside).
@@ -274,13 +266,11 @@ class SlotMap:
                     txn.put(k, bytes(b))
 
     def statistics(self) -> MapStatistics:
-        """Bytes of LMDB pages the map's two databases occupy now (not the file's high mark)."""
-        used = 0
+        """Bytes of LMDB pages the map occupies now (not the file's high-water mark)."""
         with self.env.begin() as txn:
-            for db in (self.runs, self.rev):
-                st = txn.stat(db)
-                used += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
-            runs = txn.stat(self.runs)["entries"]
+            st = txn.stat(self.runs)
+            used = (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+            runs = st["entries"]
         return MapStatistics(runs, used, self.map_size)
 
 
