@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tierswap.cgroup import MemoryCgroup, run_in_cgroup  # noqa: E402
+from tierswap.system import active_swaps  # noqa: E402
 from tierswap.workload import parse_size  # noqa: E402
 
 PAGE = 4096
@@ -102,14 +103,6 @@ def sh(argv: list[str], timeout: float = 120.0, check: bool = True) -> str:
     return p.stdout
 
 
-def active_swaps() -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    with open("/proc/swaps") as f:
-        next(f)
-        for line in f:
-            name, _type, size, used, prio = line.split()[:5]
-            out[name] = {"size": int(size) * 1024, "used": int(used) * 1024, "prio": int(prio)}
-    return out
 
 
 def require_no_swap(when: str) -> None:
