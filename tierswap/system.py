@@ -139,13 +139,17 @@ def abort_fuse(mountpoint: str | None = None, majmin: str | None = None) -> bool
         conn = majmin.split(":")[1]
     if conn is None:
         return False
-    if not any(FUSECTL.iterdir()):
+    mounted_here = not any(FUSECTL.iterdir())
+    if mounted_here:  # systemd mounts fusectl at boot; elsewhere it may be missing
         run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False)
     try:
         (FUSECTL / conn / "abort").write_text("1")
         return True
     except OSError:
         return False
+    finally:
+        if mounted_here:  # leave the machine as we found it
+            run(["umount", str(FUSECTL)], check=False)
 
 
 def lazy_unmount(mountpoint: str) -> None:
