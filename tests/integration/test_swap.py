@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,19 @@ def run_workload(cg: MemoryCgroup, size: str, seed: int, hold: Path | None = Non
     return run_in_cgroup(cg, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@contextlib.contextmanager
+def workload(cg: MemoryCgroup, size: str, seed: int, hold: Path | None = None):
+    """The verifying workload in `cg`, killed on the way out if the test failed first (it
+    must be gone before teardown's swapoff, which would pull its pages back into the group)."""
+    proc = run_workload(cg, size, seed, hold)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def wait_held(proc: subprocess.Popen, hold: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not hold.exists():
@@ -49,32 +63,27 @@ def test_workload_swaps_through_both_tiers_and_discard_frees_slots(make_instance
     assert inst.devices and inst.devices[0].startswith("/dev/loop")
     hold = base / "hold"
     size = 512 * MiB
-    with MemoryCgroup.create(f"tierswap-it-{os.getpid()}", 128 * MiB) as cg:
-        proc = run_workload(cg, "512M", 7, hold)
-        try:
-            wait_held(proc, hold)
-            st = inst.status()
-            ram, disk = st["tiers"]
-            # the RAM budget is smaller than the swapped set: both tiers hold pages
-            assert ram["pages"] > 0 and disk["pages"] > 0, st
-            assert ram["stored_bytes"] <= ram["capacity_bytes"]
-            # Zero pages cost no storage anywhere. Kernels since 6.12 keep swapped-out zero
-            # pages in a bitmap and never write them, so we may see none: what reaches us is
-            # at most the non-zero part of what the cgroup swapped.
-            stats = content_stats(7, size // 4096)
-            nonzero_share = 1 - stats["zero"] / (size // 4096)
-            swapped_pages = cg.swap_bytes() // 4096
-            assert st["pages"]["stored"] <= swapped_pages * nonzero_share * 1.05 + 256
-            assert st["compression_ratio"] > 1.5
-            assert st["metadata_bytes_per_page"] < 24
-            peak = st["pages"]["stored"]
-            assert peak * 4096 > size / 4  # most of the workload left memory
-            hold.unlink()
-            finish(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with (MemoryCgroup.create(f"tierswap-it-{os.getpid()}", 128 * MiB) as cg,
+          workload(cg, "512M", 7, hold) as proc):
+        wait_held(proc, hold)
+        st = inst.status()
+        ram, disk = st["tiers"]
+        # the RAM budget is smaller than the swapped set: both tiers hold pages
+        assert ram["pages"] > 0 and disk["pages"] > 0, st
+        assert ram["stored_bytes"] <= ram["capacity_bytes"]
+        # Zero pages cost no storage anywhere. Kernels since 6.12 keep swapped-out zero
+        # pages in a bitmap and never write them, so we may see none: what reaches us is
+        # at most the non-zero part of what the cgroup swapped.
+        stats = content_stats(7, size // 4096)
+        nonzero_share = 1 - stats["zero"] / (size // 4096)
+        swapped_pages = cg.swap_bytes() // 4096
+        assert st["pages"]["stored"] <= swapped_pages * nonzero_share * 1.05 + 256
+        assert st["compression_ratio"] > 1.5
+        assert st["metadata_bytes_per_page"] < 24
+        peak = st["pages"]["stored"]
+        assert peak * 4096 > size / 4  # most of the workload left memory
+        hold.unlink()
+        finish(proc)
     # the workload is gone: the kernel discards its slots and the map empties
     st = inst.wait_status(lambda s: s["pages"]["stored"] <= max(64, peak // 100), timeout=60)
     assert st["io"]["write_errors"] == 0 and st["io"]["read_errors"] == 0
