@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from tests.netutil import free_port, wait_listening
+from tests.netutil import free_port, spawn_nbdkit, wait_listening
 from tierswap.config import parse_config
 from tierswap.tiers import tier_class
 from tierswap.tiers.file import prepare_file
@@ -80,8 +79,7 @@ async def main() -> None:
     servers = []
     for _ in range(2):
         port = free_port()
-        p = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p",
-                              str(port), "memory", str(CAP)], stdin=subprocess.DEVNULL)
+        p = spawn_nbdkit(port, ("memory", str(CAP)), base / f"nbdkit-{port}.log")
         assert wait_listening(p, port, 10)
         servers.append((p, f"nbd://127.0.0.1:{port}/"))
     urls = ", ".join(f'"{u}"' for _, u in servers)

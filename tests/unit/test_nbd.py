@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.netutil import free_port, wait_listening
+from tests.netutil import free_port, spawn_nbdkit, wait_listening
 from tierswap.nbd import (
     MAX_PAYLOAD,
     NBD_REP_ERR_TLS_REQD,
@@ -75,10 +75,7 @@ def nbdkit(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         for _ in range(3):  # the free port can be taken between probe and bind: retry
             port = free_port()
             log = tmp_path / f"nbdkit-{port}.log"
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    ["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p", str(port),
-                     *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            proc = spawn_nbdkit(port, args, log)
             server = Server(proc, port, log)
             servers.append(server)
             if wait_listening(proc, port, 5.0):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import trio
 
-from tests.netutil import free_port, wait_listening
+from tests.netutil import free_port, spawn_nbdkit, wait_listening
 from tierswap.config import Config, parse_config
 from tierswap.crypto import BLOCK
 from tierswap.device import open_device
@@ -51,12 +51,8 @@ class Server:
 
     def start(self) -> bool:
         for _ in range(50):  # the port may linger briefly after a kill
-            log = self.tmp / f"nbdkit-{self.port}.log"
-            with open(log, "ab") as out:
-                self.proc = subprocess.Popen(
-                    ["nbdkit", "--exit-with-parent", "-f", "-i", "127.0.0.1", "-p",
-                     str(self.port), *self.args],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = spawn_nbdkit(self.port, self.args,
+                                     self.tmp / f"nbdkit-{self.port}.log")
             if wait_listening(self.proc, self.port, 5.0):
                 return True
             self.kill()

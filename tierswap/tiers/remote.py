@@ -287,21 +287,26 @@ class RemoteTier(Tier):
                     n.start_soon(one, t)
         return ok
 
-    async def _write_one(self, t: _Target, offset: int, data: memoryview, seg: int) -> bool:
+    async def _on_target(self, t: _Target, what: str, fn) -> bool:
+        """Run one request on a target; a lost connection marks it down, an error counts."""
         client = t.client
         if client is None:
-            t.missed[seg] = True
             return False
         try:
-            await client.write(offset, data)
+            await fn(client)
             return True
         except _LOST as e:
             self._mark_down(t, client, e)
         except NBDError as e:
             t.errors += 1
-            log.warning("tier %s: %s refused a write: %s", self.name, t.url, e)
-        t.missed[seg] = True
+            log.warning("tier %s: %s failed a %s: %s", self.name, t.url, what, e)
         return False
+
+    async def _write_one(self, t: _Target, offset: int, data: memoryview, seg: int) -> bool:
+        ok = await self._on_target(t, "write", lambda c: c.write(offset, data))
+        if not ok:
+            t.missed[seg] = True
+        return ok
 
     async def read(self, base: int, length: int) -> bytes:
         seg = base >> self.space.seg_shift
@@ -334,18 +339,7 @@ class RemoteTier(Tier):
                                    f"{base + length}) (segment {seg})")
 
     async def _read_one(self, t: _Target, offset: int, buf: bytearray) -> bool:
-        client = t.client
-        if client is None:
-            return False
-        try:
-            await client.readinto(offset, memoryview(buf))
-            return True
-        except _LOST as e:
-            self._mark_down(t, client, e)
-        except NBDError as e:
-            t.errors += 1
-            log.warning("tier %s: %s failed a read: %s", self.name, t.url, e)
-        return False
+        return await self._on_target(t, "read", lambda c: c.readinto(offset, memoryview(buf)))
 
     async def trim(self, base: int, length: int) -> None:
         """Best effort NBD TRIM on every copy, of whole segments that are free right now.
