@@ -1,19 +1,20 @@
-"""Tiers by config kind. Import a tier class only through `tier_class` so that optional
-dependencies (the remote tier's crypto and NBD client) load only when configured."""
+"""Tiers by config kind. A memory tier is an arena the lane serves itself (memory.py); the
+other kinds are stores reached through trio. Import a store class only through `tier_class`, so
+that optional dependencies (the remote tier's crypto and NBD client) load only when configured."""
 
 from __future__ import annotations
 
 import importlib
 
-from tierswap.tiers.base import Tier
+from tierswap.tiers.base import Store
 
 _KINDS = {
-    "memory": ("tierswap.tiers.memory", "MemoryTier"),
     "file": ("tierswap.tiers.file", "FileTier"),
     "remote": ("tierswap.tiers.remote", "RemoteTier"),
 }
 
 
-def tier_class(kind: str) -> type[Tier]:
+def tier_class(kind: str) -> type[Store]:
     module, name = _KINDS[kind]
-    return getattr(importlib.import_module(module), name)
+    cls: type[Store] = getattr(importlib.import_module(module), name)
+    return cls

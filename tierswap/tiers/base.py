@@ -1,123 +1,149 @@
-"""The tier interface: a byte store with a segment allocator on top.
+"""The tier contract: what a tier provides, and what the lane does for it.
 
-In the manner of nbdkit plugins a tier is a handful of calls: `write` and `read` of one
-contiguous extent (all or an exception, never partial), `trim` to give room back, `flush`.
-What a tier can do is derived from what it implements (`can_trim`). Tiers are created only
-through `async create()`, looked up by config kind in `KINDS`. Moving pages between two tiers
-is read-from-one, write-to-the-other: the migration primitive lives in device.py.
+A tier is one of two things:
+
+* a **memory** tier: an arena of locked RAM (tiers/memory.py) that the native lane reads and
+  writes itself, on its own threads, without Python;
+* a **store**: bytes somewhere slower (a file, NBD targets) that trio reads and writes when the
+  lane hands it a job (tiers/file.py, tiers/remote.py).
+
+The lane owns every tier's *space* (1 MiB segments, allocation, live counts, read guards) and
+the map, so a store is only a byte store at tier offsets, in the manner of an nbdkit plugin: a
+handful of calls, all-or-nothing, with capabilities derived from what is implemented.
+
+    class Store:
+        kind: str                          # config kind
+        align: int = 4096                  # the lane starts each batch on this boundary
+        @classmethod async def create(cls, cfg, index, config, shard, kit) -> Store
+        async def read(base, length) -> bytes       # required; all or raise TierError
+        async def write(base, data, life) -> None   # required; all or raise TierError
+        async def trim(base, length) -> None        # optional: can_trim; compact gives room back
+        async def run_background(task_status)       # optional: reconnect, repair
+        def available() -> bool                     # optional (default True): False = take no
+                                                    # new pages now (the lane spills past it)
+        def extra_statistics() -> StoreStatistics   # optional: typed per-kind numbers
+        async def aclose() -> None                  # optional
+
+`life` is the segment's allocation counter (the lane bumps it each time a segment is opened
+from free): a store with per-segment state (remote placement) resets that state when it sees a
+new life. Reads never run on bytes a segment no longer holds: the lane keeps a read guard from
+the lookup until the job is finished (docs/design.md, "Concurrency rules").
+
+Sealing (AES-GCM) is a wrapper over a store's raw I/O, like an nbdkit filter over a plugin:
+see `SealedIO` in tierswap/crypto.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from tierswap.codec import Codec
+import numpy as np
+
 from tierswap.config import Config, TierConfig
-from tierswap.tiers.segments import SegmentSpace
+from tierswap.errors import TierError as TierError  # the tiers raise it; re-exported
+
+if TYPE_CHECKING:
+    from tierswap.kit import Kit
 
 SEG_SIZE = 1 << 20
+SEG_SHIFT = 20
 
 
-class TierError(OSError):
-    """An I/O failure inside a tier; the device answers the request with this errno."""
-
-
-@dataclass
-class TierCounters:
-    pages_in: int = 0  # pages written into this tier (foreground and moves)
-    pages_out: int = 0  # pages read from it
-    promotions: int = 0  # pages moved up into this tier
-    demotions: int = 0  # pages moved down into this tier
-    bytes_moved: int = 0  # bytes moved into this tier by migration
-    errors: int = 0
 
 
 @dataclass(frozen=True)
 class TierStatistics:
+    """One tier of one shard, as the lane and the store see it (summed across shards by
+    commands.py). Counts are pages, sizes are bytes."""
+
     name: str
     kind: str
-    pages: int
-    zero_pages: int
-    stored_bytes: int
+    compression: str
+    pages: int  # non-zero pages held
+    zero_pages: int  # zero pages recorded in runs of this tier
+    stored_bytes: int  # live bytes in the tier's space
     capacity_bytes: int
-    available_bytes: int  # room usable now (a memory tier grows into its capacity)
+    available_bytes: int  # usable now (a memory tier grows into its capacity)
     free_bytes: int
     segments: int
     free_segments: int
     largest_free_extent: int
     free_extents: int
     draining: bool
-    counters: dict[str, int]
-    extra: dict[str, object]
+    failed: bool
+    pages_in: int
+    pages_out: int
+    promotions: int
+    demotions: int
+    bytes_moved: int
+    read_errors: int
+    write_errors: int
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Tier(ABC):
+class SpaceView:
+    """What a store may know about its space, read from the lane (never written by the store):
+    which segments hold live bytes, and each segment's life counter (shared memory)."""
+
+    def __init__(self, lane: Any, index: int, life: np.ndarray) -> None:
+        self._lane = lane
+        self.index = index
+        self.life = life  # uint32 per segment, written by the lane
+        self.nseg = len(life)
+
+    def live_mask(self) -> np.ndarray:
+        live, _free, open_seg = self._lane.segments(self.index)
+        mask = np.zeros(self.nseg, bool)
+        arr = np.frombuffer(live, np.int64)
+        mask[: len(arr)] = arr > 0
+        if open_seg >= 0:
+            mask[open_seg] = True
+        return mask
+
+
+class Store(ABC):
+    """A tier whose bytes trio reads and writes (see the module docstring)."""
+
     kind: ClassVar[str]
+    align: int = 4096  # per store: a remote tier in erasure mode packs pieces (1)
 
-    def __init__(self, cfg: TierConfig, index: int, capacity: int, *, align: int = 1,
-                 available: int | None = None) -> None:
+    def __init__(self, cfg: TierConfig, index: int, capacity: int) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.index = index
-        self.codec = Codec(cfg.compression)
-        nseg = capacity // SEG_SIZE
-        self.space = SegmentSpace(nseg, SEG_SIZE, align, available)
-        self.pages = 0  # non-zero pages held
-        self.zero_pages = 0  # zero pages recorded in runs of this tier
-        self.counters = TierCounters()
+        self.capacity = capacity
+        self.nseg = capacity // SEG_SIZE
+        self.space: SpaceView | None = None  # attached by the lane service
 
     @classmethod
     @abstractmethod
-    async def create(cls, cfg: TierConfig, index: int, config: Config, shard: int) -> Tier:
-        """Open (and prepare) the tier's share for one shard."""
-
-    @abstractmethod
-    async def write(self, base: int, data: bytes | memoryview) -> None: ...
+    async def create(cls, cfg: TierConfig, index: int, config: Config, shard: int,
+                     kit: Kit | None) -> Store:
+        """Open (and check) this shard's share of the tier."""
 
     @abstractmethod
     async def read(self, base: int, length: int) -> bytes: ...
 
-    def write_nowait(self, base: int, data: bytes | memoryview) -> bool:
-        """Store without awaiting when the tier can (memory); False means use `write`."""
-        return False
-
-    def note_allocation(self) -> None:  # noqa: B027 - a hook, empty unless a tier needs it
-        """Called after space was taken from this tier (the memory tier wakes its grower)."""
-
-    def read_nowait(self, base: int, length: int) -> bytes | None:
-        """Copy out without awaiting when the tier can (memory); None means use `read`."""
-        return None
+    @abstractmethod
+    async def write(self, base: int, data: bytes | memoryview, life: int) -> None: ...
 
     async def trim(self, base: int, length: int) -> None:
         raise NotImplementedError
 
     @property
     def can_trim(self) -> bool:
-        return type(self).trim is not Tier.trim
+        return type(self).trim is not Store.trim
 
-    async def flush(self) -> None:
-        return None
+    def available(self) -> bool:
+        return True
 
     async def aclose(self) -> None:
         return None
 
-    def extra_statistics(self) -> dict[str, object]:
+    def extra_statistics(self) -> dict[str, Any]:
         return {}
-
-    def statistics(self) -> TierStatistics:
-        s = self.space.statistics()
-        return TierStatistics(
-            name=self.name, kind=self.kind, pages=self.pages, zero_pages=self.zero_pages,
-            stored_bytes=s.live_bytes, capacity_bytes=s.capacity_bytes,
-            available_bytes=s.segments * self.space.seg_size, free_bytes=self.space.free_bytes(),
-            segments=s.segments, free_segments=s.free_segments,
-            largest_free_extent=s.largest_free_extent, free_extents=s.free_extents,
-            draining=self.space.draining, counters=dataclasses.asdict(self.counters),
-            extra=self.extra_statistics(),
-        )
 
 
 def shard_capacity(cfg: TierConfig, config: Config) -> int:

@@ -6,7 +6,18 @@ fixed pool of page-aligned, locked bounce buffers, which is also the tier's boun
 work: a writer waits for a buffer, never grows a queue. Batches start on 4 KiB boundaries
 (the segment allocator aligns them), so each request's pages are one pwrite.
 
-Shards share one file: shard k owns bytes [k * share, (k + 1) * share).
+Shards share one file: after a 4 KiB header, shard k owns bytes
+[HEADER + k * share, HEADER + (k + 1) * share).
+
+With `encrypt = true` every 4 KiB block is sealed (tierswap/crypto.py); the key, counters and
+tags are in the shard's kit (`secrets.T`), so a replacement shard reads the pages of a dead
+one, and nothing that could open them ever reaches the disk.
+
+The header marks the file as a tier file tierswap made (magic, version, a random id, the
+capacity, a CRC). It is a block at the start rather than an extended attribute because it
+must work the same for a tier on a block device, which has no xattrs of its own. An existing
+file without it is never truncated, overwritten or chmod'ed (the config must say
+``overwrite = true``), and a tier refuses to open a file without it.
 """
 
 from __future__ import annotations
@@ -14,12 +25,27 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from tierswap.config import Config, TierConfig
-from tierswap.tiers.base import SEG_SIZE, Tier, TierError, shard_capacity
+from tierswap.config import Config, TierConfig, make_private_dir
+from tierswap.hardening import dontdump
+from tierswap.kit import KitError
+from tierswap.tiers.base import SEG_SIZE, Store, TierError, shard_capacity
+
+if TYPE_CHECKING:
+    from tierswap.crypto import BlockSealer
+    from tierswap.kit import Kit
+
+_T = TypeVar("_T")
 
 ALIGN = 4096
 BUFFERS = 8  # bounce buffers per shard: at most this many file I/Os in flight
@@ -27,7 +53,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def _libc_fallocate():
+def _libc_fallocate() -> Any:
     import ctypes
     import ctypes.util
 
@@ -48,64 +74,159 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def prepare_file(path: Path, size: int) -> None:
-    """Create/resize and preallocate the tier file (called once by the supervisor)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+HEADER = 4096  # the tier-file header block; tier data starts after it
+_MAGIC = b"tierswap-tier\x00\x00\x00"
+_VERSION = 1
+_HDR = struct.Struct("<16sII16sQQ")  # magic, version, header size, id, capacity, created
+
+
+@dataclass(frozen=True)
+class TierMark:
+    id: bytes
+    capacity: int
+    created: int
+
+
+class NotATierFile(OSError):
+    """An existing file that tierswap did not make; it is left alone."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(errno.EEXIST, what, str(path))
+
+
+def _pack_mark(mark: TierMark) -> bytes:
+    body = _HDR.pack(_MAGIC, _VERSION, HEADER, mark.id, mark.capacity, mark.created)
+    body += struct.pack("<I", zlib.crc32(body))
+    return body + bytes(HEADER - len(body))
+
+
+def _parse_mark(block: bytes) -> TierMark | None:
+    n = _HDR.size
+    if len(block) < n + 4 or not block.startswith(_MAGIC):
+        return None
+    _magic, version, size, ident, capacity, created = _HDR.unpack_from(block)
+    (crc,) = struct.unpack_from("<I", block, n)
+    if version != _VERSION or size != HEADER or crc != zlib.crc32(block[:n]):
+        return None
+    return TierMark(ident, capacity, created)
+
+
+def read_mark(path: Path) -> TierMark | None:
+    """The tier-file header of `path`, or None when it has none (not a tier file of ours)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.fchmod(fd, 0o600)
-        os.ftruncate(fd, size)
-        os.posix_fallocate(fd, 0, size)
+        return _parse_mark(os.pread(fd, HEADER, 0))
     finally:
         os.close(fd)
 
 
-class FileTier(Tier):
+def prepare_file(path: Path, size: int, *, overwrite: bool = False) -> None:
+    """Create or resize and preallocate the tier file, `size` bytes of tier data after the
+    header (called once by the supervisor).
+
+    An existing file is used only if it is a regular file with our header, or if `overwrite`
+    (the tier's ``overwrite = true``) says the operator wants it replaced; a symlink is
+    never followed. Nothing is changed before that is decided."""
+    make_private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        created = False
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        created = True
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotATierFile(path, "is a symbolic link") from None
+        raise
+    try:
+        mark = None
+        if not created:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotATierFile(path, "is not a regular file")
+            mark = _parse_mark(os.pread(fd, HEADER, 0))
+            if mark is None and not overwrite:
+                raise NotATierFile(path, "exists and is not a tier file tierswap made "
+                                         "(the tier's overwrite = true allows replacing it)")
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, HEADER + size)
+        os.posix_fallocate(fd, 0, HEADER + size)
+        new = TierMark(mark.id if mark else os.urandom(16), size,
+                       mark.created if mark else int(time.time()))
+        os.pwrite(fd, _pack_mark(new), 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileTier(Store):
     kind = "file"
-    sealer = None  # a tierswap.crypto.BlockSealer when the config says encrypt = true
+    align = ALIGN
+    sealer: BlockSealer | None = None  # when the config says encrypt = true
 
     def __init__(self, cfg: TierConfig, index: int, capacity: int, fd: int, origin: int) -> None:
-        super().__init__(cfg, index, capacity, align=ALIGN)
+        super().__init__(cfg, index, capacity)
+        self.errors = 0
         self.fd = fd
         self.origin = origin
         self._bufsize = SEG_SIZE + 2 * ALIGN
         # populated now (and locked by mlockall): I/O never faults in a buffer under pressure
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         self._pool = [mmap.mmap(-1, self._bufsize, flags=flags) for _ in range(BUFFERS)]
+        for b in self._pool:
+            dontdump(b)  # they hold page contents (plaintext, before sealing)
         self._free = trio.Semaphore(BUFFERS)
         self._limiter = trio.CapacityLimiter(BUFFERS)
 
     @classmethod
-    async def create(cls, cfg: TierConfig, index: int, config: Config, shard: int) -> FileTier:
+    async def create(cls, cfg: TierConfig, index: int, config: Config, shard: int,
+                     kit: Kit | None = None) -> FileTier:
         assert cfg.path is not None
         share = shard_capacity(cfg, config)
         try:
-            fd = os.open(cfg.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            if read_mark(cfg.path) is None:
+                raise TierError(errno.EINVAL, f"tier {cfg.name}: {cfg.path} is not a tier file "
+                                              "tierswap made")
+            fd = os.open(cfg.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
+            if isinstance(e, TierError):
+                raise
             msg = f"tier {cfg.name}: cannot open {cfg.path}: {e.strerror}"
-            raise TierError(e.errno, msg) from None
-        if os.fstat(fd).st_size < (shard + 1) * share:
+            raise TierError(e.errno or errno.EIO, msg) from None
+        if os.fstat(fd).st_size < HEADER + (shard + 1) * share:
             os.close(fd)
             raise TierError(errno.ENOSPC, f"tier {cfg.name}: {cfg.path} is smaller than configured")
-        tier = cls(cfg, index, share, fd, shard * share)
-        if cfg.encrypt:
-            from tierswap.crypto import BlockSealer
+        tier = cls(cfg, index, share, fd, HEADER + shard * share)
+        try:
+            served = kit is not None and kit.has(f"life.{index}")  # by a process now dead
+            if served and kit is not None and cfg.encrypt != kit.has(f"secrets.{index}"):
+                raise KitError(f"tier {cfg.name}: the running device has this tier "
+                               f"{'un' if cfg.encrypt else ''}encrypted; the configuration "
+                               f"says encrypt = {str(cfg.encrypt).lower()} (change it only "
+                               f"with a stop)")
+            if cfg.encrypt:
+                from tierswap.crypto import BlockSealer
 
-            tier.sealer = BlockSealer.for_tier(cls.kind, cfg.name, shard, share)
+                # in the kit: a replacement shard reads what this one sealed
+                tier.sealer = BlockSealer.for_tier(cls.kind, cfg.name, shard, share, kit,
+                                                   index, adopt=True if served else None)
+        except BaseException:
+            await tier.aclose()
+            raise
         return tier
 
-    async def _io(self, fn):
+    async def _io(self, fn: Callable[[mmap.mmap], _T]) -> _T:
         async with self._free:
             buf = self._pool.pop()
             try:
                 return await trio.to_thread.run_sync(fn, buf, limiter=self._limiter)
             except OSError as e:
-                self.counters.errors += 1
+                self.errors += 1
                 raise TierError(e.errno or errno.EIO, f"tier {self.name}: {e.strerror}") from None
             finally:
                 self._pool.append(buf)
 
-    async def write(self, base: int, data: bytes | memoryview) -> None:
+    async def write(self, base: int, data: bytes | memoryview, life: int = 0) -> None:
         if self.sealer is not None:
             data = self.sealer.seal(base, data)
         n = len(data)

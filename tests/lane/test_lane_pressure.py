@@ -1,0 +1,224 @@
+"""Memory pressure and blocking (issue 8, items 7, 8, 9 and 12), against the real lane.
+
+* RAM-tier growth is single-flight and bounded in time, with a growth that *really* blocks:
+  the arena's next pages are registered with userfaultfd, so the kernel parks the growth
+  thread's page faults until the test lets them go.
+* A policy pass over a million records never delays a concurrent 4 KiB read by 50 ms.
+* The map lives in a memfd and has a fixed budget: a full map is ENOSPC for the writer, never a
+  signal, and nothing of it is on the state file system.
+* A tier whose writes fail is avoided (the pages spill to the next tier), marked failed after
+  repeated errors, and the pages it still holds can be drained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import time
+
+import pytest
+import trio
+
+import tierswap.lane as lane_mod
+import tierswap.tiers.memory as memory_mod
+from tests.lane.fuseproto import FILE_INO, OP, READ_IN, FuseError
+from tests.lane.harness import PAGE, mixed_bytes, open_lane
+from tierswap import commands
+from tierswap.policy import Policy
+from tierswap.tiers.base import TierError
+
+MIB = 1 << 20
+
+
+@contextlib.contextmanager
+def blocked_faults(addr: int, length: int):
+    """Every page fault in [addr, addr+length) blocks in the kernel until the block ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)  # userfaultfd(2)
+    if fd < 0:
+        pytest.fail(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
+    try:
+        fcntl.ioctl(fd, 0xC018AA3F, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # UFFDIO_API
+        reg = bytearray(struct.pack("QQQQ", addr, length, 1, 0))  # UFFDIO_REGISTER, MISSING
+        fcntl.ioctl(fd, 0xC020AA00, reg)
+        yield fd
+    finally:
+        os.close(fd)  # wakes every parked fault: they are retried and succeed
+
+
+async def test_growth_is_single_flight_and_a_full_write_gives_up_in_time(monkeypatch):
+    monkeypatch.setattr(memory_mod, "GROW_WAIT", 0.5)
+    async with open_lane(size=512 * MIB, mem="256M", disk=None) as rig:
+        c, svc, lane = rig.client, rig.svc, rig.svc.lane
+        ram = svc.tiers[0]
+        assert ram.size == memory_mod.INITIAL
+        inflight, peak, calls = [0], [0], [0]
+        real = ram.extend_fn
+
+        def counted(old: int, chunk: int) -> None:
+            inflight[0] += 1
+            calls[0] += 1
+            peak[0] = max(peak[0], inflight[0])
+            try:
+                real(old, chunk)
+            finally:
+                inflight[0] -= 1
+
+        ram.extend_fn = counted
+        keep = os.urandom(PAGE)
+        await c.write(0, keep)
+        base = lane.arena_address(0)
+        with blocked_faults(base + ram.size, ram.capacity - ram.size):
+            # fill what is there: incompressible pages, one MiB at a time
+            off = PAGE
+            with pytest.raises(FuseError) as full:
+                while off < 128 * MIB:
+                    await c.write(off, os.urandom(MIB))
+                    off += MIB
+            assert full.value.errno == errno.ENOSPC
+            # eight writers more, all at once: each gives up after GROW_WAIT, none hangs
+            t0 = trio.current_time()
+            errs: list[int] = []
+
+            async def writer(i: int) -> None:
+                try:
+                    await c.write(256 * MIB + i * MIB, os.urandom(MIB))
+                except FuseError as e:
+                    errs.append(e.errno)
+
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(writer, i)
+                # the lane keeps serving while the growth thread is parked in the kernel
+                with trio.fail_after(5):
+                    assert await c.read(0, PAGE) == keep
+                assert inflight[0] == 1  # ... and it still is
+            assert errs == [errno.ENOSPC] * 8
+            assert trio.current_time() - t0 < 3 * memory_mod.GROW_WAIT + 1
+            assert peak[0] == 1, "growth must be single-flight"
+            assert ram.size == memory_mod.INITIAL  # nothing was added while blocked
+        # the block ends: the one growth in flight completes, and writes succeed again
+        with trio.fail_after(10):
+            while ram.size == memory_mod.INITIAL:
+                await trio.sleep(0.05)
+        await c.write(256 * MIB, os.urandom(MIB))
+        assert ram.size <= ram.capacity
+        st = rig.stats()
+        assert st.tiers[0].available_bytes == ram.size
+
+
+async def test_a_policy_pass_over_a_million_records_never_stalls_a_read():
+    async with open_lane(size=8 << 30, mem="512M", disk="512M", threads=3, side=True) as rig:
+        c, svc, lane = rig.client, rig.svc, rig.svc.lane
+        # one page of data in each tier to read while the pass runs
+        await c.write(0, os.urandom(PAGE))
+        (first,) = [r async for r in svc.runs(0)]
+        await svc.move(first, [1])
+        await c.write(PAGE * 4, os.urandom(PAGE))
+        assert lane.debug_fill(0, 16, 1_000_000, 2) == 1_000_000
+        assert rig.stats().runs >= 1_000_000
+        pol = Policy(svc, rig.config.policy)
+        worst = [0.0, 0.0]
+        done = trio.Event()
+
+        side = rig.side
+        assert side is not None
+        body = READ_IN.pack(FILE_INO, PAGE * 4, PAGE, 0, 0, 0, 0)
+
+        def native_reader() -> None:  # a thread of its own: trio's business does not reach it
+            while not done.is_set():
+                t = time.monotonic()
+                side.send(OP["READ"], FILE_INO, body)
+                _u, err, data = side.recv_one()
+                worst[0] = max(worst[0], time.monotonic() - t)
+                assert err == 0 and len(data) == PAGE
+                time.sleep(0.001)
+
+        async def trio_reader() -> None:
+            while not done.is_set():
+                t = time.monotonic()
+                await c.read(0, PAGE)
+                worst[1] = max(worst[1], time.monotonic() - t)
+                await trio.sleep(0.001)
+
+        async with trio.open_nursery() as n:
+            # RAM: served by the lane alone; disk: the store's read runs on trio, beside the pass
+            n.start_soon(trio.to_thread.run_sync, native_reader)
+            n.start_soon(trio_reader)
+            inspected = await pol.inspect()  # one full pass over every record
+            budget = iter(range(5000))  # a demotion: a histogram pass, then moves
+            moved = await pol.demote(0, lambda: next(budget, None) is not None)
+            done.set()
+        assert inspected["tiers"][0]["pages"] >= 1_000_000
+        assert moved > 0
+        assert worst[0] < 0.05 and worst[1] < 0.05, worst
+        print("worst read latency during the pass (RAM, disk):", worst)
+
+
+async def test_a_full_map_is_enospc_not_a_signal(monkeypatch):
+    monkeypatch.setattr(lane_mod, "MAP_BYTES_PER_PAGE", 0)
+    monkeypatch.setattr(lane_mod, "MAP_EXTRA", MIB)  # room for some ten thousand runs
+    monkeypatch.setattr(lane_mod, "RESERVE", MIB)
+
+    def page(i: int) -> bytes:
+        return i.to_bytes(8, "little") * (PAGE // 8)  # compresses to a few dozen bytes
+
+    async with open_lane(size=2048 * MIB, mem="64M", disk=None) as rig:
+        c = rig.client
+        written = []
+        with pytest.raises(FuseError) as e:
+            for i in range(200_000):  # every other page: records that cannot join
+                await c.write(2 * i * PAGE, page(i))
+                written.append(i)
+        assert e.value.errno == errno.ENOSPC
+        st = rig.stats()
+        assert st.enospc >= 1 and st.tiers[0].free_bytes > 0  # the map was full, not the tier
+        for i in written[:: max(1, len(written) // 200)]:
+            assert await c.read(2 * i * PAGE, PAGE) == page(i)
+        await c.punch(0, 2 * PAGE * len(written))  # room again (the kernel discards in slices)
+        await c.write(0, b"x" * PAGE)
+        assert await c.read(0, 4) == b"xxxx"
+        # the map is memory: a memfd, never a file under the state directory
+        link = os.readlink(f"/proc/self/fd/{rig.kit.fds['map']}")
+        assert link.startswith("/memfd:tierswap:map")
+        assert not any((rig.tmp / "state").rglob("*.mdb"))
+
+
+async def test_a_failing_tier_is_avoided_then_marked_failed_and_drained():
+    async with open_lane(size=64 * MIB, mem="4M", disk="32M",
+                         extra='[[tier]]\nname = "spare"\nkind = "file"\n'
+                               'path = "{tmp}/spare.tier"\ncapacity = "32M"\n') as rig:
+        c, svc = rig.client, rig.svc
+        disk = svc.tiers[1]
+        data = mixed_bytes(5, 48 * MIB)
+        await c.write_all(0, data[: 24 * MIB])  # fills RAM, then the disk tier takes pages
+        assert rig.stats().tiers[1].pages > 0
+        real_write = disk.write
+        failing = [True]
+
+        async def eio(base, buf, life):
+            if failing[0]:
+                raise TierError(errno.EIO, "tier disk: injected write error")
+            await real_write(base, buf, life)
+
+        disk.write = eio  # the disk below the file tier returns EIO on every write
+        await c.write_all(24 * MIB, data[24 * MIB:])  # no error: the pages spill to "spare"
+        st = rig.stats()
+        assert st.write_errors == 0
+        assert st.tiers[1].write_errors >= 3 and st.tiers[1].failed
+        assert st.tiers[2].pages > 0
+        assert await c.read_all(0, len(data)) == data
+        # what the failed tier still holds is readable: drain moves it elsewhere
+        pol = Policy(svc, rig.config.policy)
+        res = await pol.drain(commands.Drain(tier="disk"), progress=_noprogress)
+        assert res["left"] == 0
+        assert rig.stats().tiers[1].pages == 0
+        assert await c.read_all(0, len(data)) == data
+
+
+async def _noprogress(_p):
+    return None
