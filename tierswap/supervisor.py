@@ -17,24 +17,44 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from tierswap import hardening, system
-from tierswap.config import Config, format_size
-from tierswap.control import ControlError, acall, first_error, serve_control
-from tierswap.fs import FILE_NAME
+from tierswap import commands, hardening, system
+from tierswap.cleanup import (
+    adoptable_shards,
+    clear_shards,
+    force_cleanup,
+    read_state,
+    running_supervisor,
+    stale_state,
+    write_private,
+)
+from tierswap.commands import ShardReply
+from tierswap.config import Config, format_size, make_private_dir
+from tierswap.control import Progress, acall, first_error, serve_control
+from tierswap.errors import CommandError, ControlError, StartError
+from tierswap.keeper import SWEEP_EVERY, KitKeeper
+from tierswap.kit import Kit, KitError, check_manifest, fetch_kit
+from tierswap.layout import Layout, ShardLayout
+from tierswap.procs import Pidfd, ProcessId
+from tierswap.tasks import STOP_SIGNALS, TaskBoard, keep_running, signal_name, started_at_once
 
 log = logging.getLogger("tierswap.supervisor")
 
 MOUNT_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-
-
-class StartError(Exception):
-    """Bringing tierswap up failed; one line for the operator."""
+CONTROL_RESTART = (0.2, 2.0)  # backoff of the public control server after a fault
+PING_INTERVAL = 5.0  # seconds between the supervisor's pings of each shard
+HUNG_AFTER = 60.0  # a shard silent this long while its process lives is hung
+RESPAWN_TIMEOUT = 30.0  # a replacement must answer within this (issue 10: serving in 10 s)
+RESPAWN_ATTEMPTS = 3  # replacements tried in a row before a shard is declared failed
+RESTART_TIMEOUT = 120.0  # a new supervisor must have taken the shards over within this
+RETRY_FIRST, RETRY_MAX = 5.0, 300.0  # a failed shard with its kit is tried again, backing off
 
 
 # ---------------------------------------------------------------------------- sd_notify
@@ -55,133 +75,72 @@ def sd_notify(msg: str) -> None:
         log.warning("sd_notify failed: %s", e)
 
 
-# ---------------------------------------------------------------------------- state on disk
-
-
-def state_path(config: Config) -> Path:
-    return config.run_dir / "state.json"
-
-
-def read_state(config: Config) -> dict[str, Any] | None:
-    try:
-        return json.loads(state_path(config).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def running_pid(config: Config) -> int | None:
-    try:
-        pid = int(config.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if system.pid_alive(pid) else None
-
-
-def _known_loops(st: dict[str, Any]) -> dict[str, str]:
-    return {sh["loop"]: sh["backing"] for sh in st.get("shards", [])
-            if sh.get("loop") and sh.get("backing")}
-
-
-def stale_state(config: Config) -> list[str]:
-    """What a crashed run left behind (empty when clean)."""
-    st = read_state(config) or {}
-    left = [f"swap/loop {d}" for d in system.loops_backed_by(config.run_dir, _known_loops(st))]
-    left += [f"mount {m}" for m in system.fuse_mounts_under(config.run_dir)]
-    left += [f"process {pid}" for pid in _our_pids(config, st)]
-    return left
-
-
-def _config_path(config: Config) -> str | None:
-    return None if config.source.startswith("<") else config.source
-
-
-def _our_pids(config: Config, st: dict[str, Any]) -> list[int]:
-    pids = {p for p in [st.get("pid")] + [sh.get("pid") for sh in st.get("shards", [])] if p}
-    pids |= set(system.daemon_pids(_config_path(config)))
-    return sorted(p for p in pids if p != os.getpid() and system.pid_alive(p))
-
-
-def _shards_answer(config: Config, st: dict[str, Any]) -> bool:
-    from tierswap.control import call
-
-    shards = st.get("shards", [])
-    try:
-        for sh in shards:
-            call(config.shard_dir(sh["shard"]) / "control.sock", {"cmd": "ping"}, timeout=2)
-    except ControlError:
-        return False
-    return bool(shards)
-
-
-def force_cleanup(config: Config) -> list[str]:
-    """Clear whatever a crashed run left, in an order that cannot hang.
-
-    If the shards still answer, their pages can be saved: swapoff first, as in a normal stop.
-    Otherwise the kernel would wait forever on I/O nobody serves, so the FUSE connections are
-    aborted first (pending and future I/O fails; those pages died with the daemon), then
-    swapoff, detach, unmount, and leftover processes are killed.
-    """
-    done: list[str] = []
-    st = read_state(config) or {}
-    known = _known_loops(st)
-    loops = system.loops_backed_by(config.run_dir, known)
-    graceful = _shards_answer(config, st)
-    if not graceful:
-        for pid in _our_pids(config, st):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                done.append(f"killed process {pid}")
-        for mnt in system.fuse_mounts_under(config.run_dir):
-            if system.abort_fuse(mountpoint=mnt):
-                done.append(f"aborted FUSE connection of {mnt}")
-        for dev in loops:
-            if system.abort_fuse(majmin=known.get(dev) or system.loop_backing_dev(dev)):
-                done.append(f"aborted FUSE connection behind {dev}")
-    for dev in loops:
-        try:
-            system.swapoff(dev, timeout=600)
-            done.append(f"swapoff {dev}")
-        except system.SystemError_ as e:
-            done.append(f"swapoff {dev} failed: {e}")
-        system.loop_detach(dev)
-        done.append(f"detached {dev}")
-    for sh in st.get("shards", []):
-        pid = sh.get("pid")
-        if pid and system.pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if graceful else signal.SIGKILL)
-            system.wait_for(lambda pid=pid: not system.pid_alive(pid), timeout=30)
-            done.append(f"stopped shard process {pid}")
-    for mnt in system.fuse_mounts_under(config.run_dir):
-        system.lazy_unmount(mnt)
-        done.append(f"unmounted {mnt}")
-    for p in (state_path(config), config.pid_file, config.control_socket):
-        p.unlink(missing_ok=True)
-    return done
-
-
 # ---------------------------------------------------------------------------- supervisor
+
+
+SERVING, RESTARTING, FAILED, STARTING = "serving", "restarting", "failed", "starting"
+
+
+@dataclass
+class ShardSlot:
+    """The supervisor's record of one shard: its process, its device and its state.
+
+    One owner (the supervisor's trio thread) changes it; `info()` is what status reports.
+    `lock` serialises what is done to the shard's device (swapoff, detach), so a shard's
+    death and a `down` never act on it at once.
+    """
+
+    index: int
+    paths: ShardLayout
+    proc: trio.Process | None = None  # our child; None for a shard adopted from elsewhere
+    pidfd: Pidfd | None = None  # watched for the process's exit (child or not)
+    ident: ProcessId | None = None  # pid and start time, for state.json
+    device: str | None = None  # the loop device while it is attached
+    backing: str | None = None  # major:minor of the FUSE file under the loop device
+    state: str = STARTING
+    restarts: int = 0
+    reason: str | None = None  # why it is not serving
+    kit: Kit = field(default_factory=Kit)
+    exited: trio.Event = field(default_factory=trio.Event)  # its current process is gone
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    silent_since: float | None = None  # trio time of the first unanswered ping in a row
+    handing_off: bool = False  # asked to hand its kit over to a replacement (restart)
+    retry_at: float | None = None  # failed with its kit held: trio time of the next attempt
+    retry_every: float = RETRY_FIRST
+
+    @property
+    def pid(self) -> int | None:
+        return self.ident.pid if self.ident is not None else None
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "pid": self.pid, "device": self.device,
+                "state": self.state, "restarts": self.restarts, "reason": self.reason}
 
 
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None) -> None:
         self.config = config
         self.config_path = config_path
-        self.procs: list[trio.Process] = []
-        self.loops: list[str] = []
-        self.backing: list[str] = []  # major:minor of each loop's backing FUSE file
+        self.layout = Layout.of(config)
+        self.ident = ProcessId.of_self()
+        self.slots = [ShardSlot(sh.index, sh) for sh in self.layout.all_shards()]
         self.shutdown = trio.Event()
+        self.board = TaskBoard()  # health of the supervisor's own background tasks
+        self._outer: trio.Nursery | None = None  # lives until tear-down is done
         self.active = False
         self.started = time.time()
         self._bring_up_scope: trio.CancelScope | None = None  # cancelled by a signal
+        self.keeper = KitKeeper()  # a copy of every shard's kit: a shard's death loses nothing
+        self.adopting: set[int] = set()  # shards of a dead supervisor to take over (preflight)
+        self.handed_over = False  # a newer supervisor took over: exit without tear-down
+        self.taking_over = False  # `restart`: a newer supervisor is taking the shards over
+        # `tierswap restart`: the supervisor this one replaces (it hands its shards over)
+        self.takeover = ProcessId.parse(os.environ.pop("TIERSWAP_TAKEOVER", ""))
+        # Whether the devices, shards and pid file are this supervisor's to tear down. A
+        # takeover owns nothing until it reports ready: if it fails before, the supervisor
+        # it was to replace still serves every device and must find them as they were.
+        self.owning = self.takeover is None
+        self.replacing = False  # after a takeover: the shards are being replaced one by one
 
     # -------------------------------------------------------------- bring-up
 
@@ -192,94 +151,175 @@ class Supervisor:
             raise StartError("must run as root (swapon, losetup and FUSE mounts need it)")
         if not os.path.exists("/dev/fuse"):
             raise StartError("/dev/fuse is missing (load the fuse module)")
-        pid = running_pid(cfg)
-        if pid is not None:
-            raise StartError(f"already running (pid {pid}); use 'tierswap down' first")
-        left = stale_state(cfg)
-        if left:
-            log.warning("clearing state left by a crashed run: %s", "; ".join(left))
-            force_cleanup(cfg)
+        running = running_supervisor(cfg)
+        if running is not None and running != self.takeover:
+            raise StartError(f"already running (pid {running.pid}); use 'tierswap down' first")
+        if self.takeover is not None:  # `tierswap restart`: the shards are handed over to us
+            if running is None:
+                raise StartError("the supervisor to take over is gone")
+            self.adopting = set(adoptable_shards(cfg, takeover=True))
+            missing = sorted(set(range(cfg.shards)) - self.adopting)
+            if missing:
+                raise StartError(f"shard(s) {', '.join(map(str, missing))} do not answer: "
+                                 "nothing taken over, the running supervisor keeps serving")
+            return
+        self.adopting = set(adoptable_shards(cfg))
+        if self.adopting:
+            # A supervisor died and left shards serving: take them over (issue 10). Anything
+            # else of that run (a shard that died with it) is cleared shard by shard.
+            log.warning("taking over shards %s of a supervisor that is gone",
+                        ", ".join(map(str, sorted(self.adopting))))
+            clear_shards(cfg, keep=self.adopting)
+        else:
+            left = stale_state(cfg)
+            if left:
+                log.warning("clearing state left by a crashed run: %s", "; ".join(left))
+                force_cleanup(cfg)
         for d in (cfg.run_dir, cfg.state_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
+            make_private_dir(d)  # never chmod a directory we did not create
         from tierswap.tiers.file import prepare_file
 
         for t in cfg.tiers:
             if t.kind == "file":
                 assert t.path is not None
                 try:
-                    prepare_file(t.path, t.capacity)
+                    prepare_file(t.path, t.capacity, overwrite=t.overwrite)
                 except OSError as e:
                     msg = f"tier {t.name}: cannot prepare {t.path}: {e.strerror}"
                     raise StartError(msg) from None
 
-    async def _spawn(self, shard: int) -> trio.Process:
-        argv = [sys.executable, "-m", "tierswap.daemon", "--shard", str(shard)]
+    async def _spawn(self, slot: ShardSlot) -> None:
+        """Start shard `slot.index` (with its kit, once there is one) and watch its process."""
+        argv = [sys.executable, "-m", "tierswap.shard", "--shard", str(slot.index)]
         if self.config_path:
             argv += ["--config", self.config_path]
         env = dict(os.environ) | hardening.malloc_env()
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-        return await trio.lowlevel.open_process(argv, env=env, stdin=subprocess.DEVNULL)
+        env.pop("TIERSWAP_KIT", None)
+        if slot.kit.fds:  # a replacement: the dead shard's connection, map and arenas
+            env |= slot.kit.env()
+        proc = await trio.lowlevel.open_process(argv, env=env, stdin=subprocess.DEVNULL,
+                                                pass_fds=list(slot.kit.fds.values()))
+        slot.proc = proc
+        slot.ident = ProcessId.of(proc.pid)  # an unreaped child: its pid is still its own
+        slot.pidfd = Pidfd(os.pidfd_open(proc.pid), slot.ident or ProcessId(proc.pid, None))
+        slot.exited = trio.Event()
+        assert self._outer is not None
+        self._outer.start_soon(self._watch, slot, slot.pidfd, proc)
 
     async def _wait_mounted(self, shard: int, proc: trio.Process) -> Path:
-        mnt = self.config.shard_dir(shard) / "mnt"
-        sock = self.config.shard_dir(shard) / "control.sock"
+        paths = self.layout.shard(shard)
         with trio.move_on_after(MOUNT_TIMEOUT):
             while True:
                 if proc.poll() is not None:
                     raise StartError(f"shard {shard} exited with status {proc.returncode} "
                                      "while starting (see its log)")
-                if os.path.ismount(mnt) and sock.exists():
-                    return mnt / FILE_NAME.decode()
+                if os.path.ismount(paths.mountpoint) and paths.control_socket.exists():
+                    return paths.swap_file
                 await trio.sleep(0.02)
         raise StartError(f"shard {shard} did not mount within {MOUNT_TIMEOUT:.0f}s")
 
+    @property
+    def loops(self) -> list[str]:
+        """The loop devices attached now, in shard order."""
+        return [s.device for s in self.slots if s.device]
+
     async def bring_up(self) -> None:
         cfg = self.config
-        for k in range(cfg.shards):
-            self.procs.append(await self._spawn(k))
+        for slot in self.slots:
+            await self._spawn(slot)
         self._write_state()
-        files = [await self._wait_mounted(k, p) for k, p in enumerate(self.procs)]
-        for f in files:
-            dev = await trio.to_thread.run_sync(system.loop_attach, f)
-            self.loops.append(dev)
-            st_dev = os.stat(f).st_dev
-            self.backing.append(f"{os.major(st_dev)}:{os.minor(st_dev)}")
+        for slot in self.slots:
+            assert slot.proc is not None
+            await self._wait_mounted(slot.index, slot.proc)
+            await self._deposit(slot)
+            slot.state = SERVING
+        for slot in self.slots:
+            f = slot.paths.swap_file
+            slot.device = await trio.to_thread.run_sync(system.loop_attach, f)
+            slot.backing = system.mount_device(str(slot.paths.mountpoint))
             self._write_state()
-            await trio.to_thread.run_sync(system.mkswap, dev)
-            await trio.to_thread.run_sync(system.swapon, dev, cfg.priority)
+            await trio.to_thread.run_sync(system.mkswap, slot.device)
+            await trio.to_thread.run_sync(system.swapon, slot.device, cfg.priority)
         self.active = True
         self._write_state()
 
+    async def adopt(self) -> None:
+        """Take over the shards a dead supervisor left serving: their processes (watched by
+        pidfd: they are not our children), their devices (from state.json), their kits."""
+        st = read_state(self.config)
+        recs = {r.get("shard"): r for r in st.get("shards", []) if isinstance(r, dict)}
+        for slot in self.slots:
+            rec = recs.get(slot.index)
+            ident = ProcessId.from_record(rec) if slot.index in self.adopting else None
+            pidfd = Pidfd.open(ident, config_path=self.config_path) if ident else None
+            if rec is None or pidfd is None:
+                slot.state, slot.reason = FAILED, "died with the supervisor (no kit to restart)"
+                continue
+            slot.ident, slot.pidfd, slot.proc = pidfd.ident, pidfd, None
+            slot.device, slot.backing = rec.get("loop"), rec.get("backing")
+            slot.exited = trio.Event()
+            await self._deposit(slot)
+            slot.state = SERVING
+            assert self._outer is not None
+            self._outer.start_soon(self._watch, slot, pidfd, None)
+            log.info("shard %d (pid %d) adopted, serving %s", slot.index, slot.pid,
+                     slot.device or "no device")
+        self.active = any(s.device for s in self.slots)
+        self._write_state()
+
+    async def _deposit(self, slot: ShardSlot) -> None:
+        """Take a copy of the shard's kit (its fds, over its control socket) and keep it."""
+        try:
+            kit = await trio.to_thread.run_sync(fetch_kit, slot.paths.control_socket)
+        except KitError as e:
+            raise StartError(f"shard {slot.index}: {e}") from None
+        check_manifest(kit.manifest, self.config, slot.index)
+        await trio.to_thread.run_sync(self.keeper.deposit, slot.index, kit)
+        slot.kit = kit
+
     def _write_state(self) -> None:
         st = {
-            "pid": os.getpid(),
+            **self.ident.record(),
             "config": self.config_path,
             "shards": [
-                {"shard": k, "pid": p.pid, "mnt": str(self.config.shard_dir(k) / "mnt"),
-                 "loop": self.loops[k] if k < len(self.loops) else None,
-                 "backing": self.backing[k] if k < len(self.backing) else None}
-                for k, p in enumerate(self.procs)
+                {"shard": s.index, **s.ident.record(), "mnt": str(s.paths.mountpoint),
+                 "loop": s.device, "backing": s.backing, "state": s.state}
+                for s in self.slots if s.ident is not None
             ],
             "active": self.active,
         }
-        write_private(state_path(self.config), json.dumps(st))
+        write_private(self.layout.state_file, json.dumps(st))
 
     # -------------------------------------------------------------- tear-down
 
     async def swapoff_all(self) -> list[str]:
         """swapoff and detach every device; returns the failures (those stay active)."""
         failed = []
-        for dev in list(self.loops):
-            try:
-                await trio.to_thread.run_sync(system.swapoff, dev, abandon_on_cancel=False)
-            except system.SystemError_ as e:
-                failed.append(str(e))
-                continue
-            await trio.to_thread.run_sync(system.loop_detach, dev)
-            self.loops.remove(dev)
+        for slot in self.slots:
+            err = await self._swapoff(slot)
+            if err is not None:
+                failed.append(err)
         self.active = not failed and bool(self.loops)
         return failed
+
+    async def _swapoff(self, slot: ShardSlot) -> str | None:
+        """swapoff and detach one shard's device; the error if it stays in swap."""
+        async with slot.lock:
+            if slot.device is None:
+                return None
+            log.info("swapoff %s (shard %d)", slot.device, slot.index)
+            try:
+                await trio.to_thread.run_sync(system.swapoff, slot.device,
+                                              abandon_on_cancel=False)
+            except CommandError as e:
+                if slot.device in system.active_swaps():
+                    return str(e)
+                # out of swap all the same: the shard's own swapoff (on its stop signal) won
+            await trio.to_thread.run_sync(system.loop_detach, slot.device)
+            slot.device = None
+            self._write_state()
+            return None
 
     async def tear_down(self) -> None:
         """swapoff, detach, stop shards (they unmount), in that order, whatever happened.
@@ -294,79 +334,383 @@ class Supervisor:
             log.error("swap still active, shards left serving it (retry with "
                       "'tierswap down --force'): %s", "; ".join(failed))
             return
-        for k, proc in enumerate(self.procs):
-            if proc.poll() is None:
-                try:
-                    await acall(self.config.shard_dir(k) / "control.sock", {"cmd": "shutdown"},
-                                timeout=5)
-                except ControlError:
-                    proc.send_signal(signal.SIGTERM)
-        for k, proc in enumerate(self.procs):
+        live = [s for s in self.slots if s.pidfd is not None and not s.exited.is_set()]
+        for s in live:
+            try:
+                await acall(s.paths.control_socket, commands.Shutdown().to_wire(), timeout=5)
+            except ControlError:
+                assert s.pidfd is not None
+                s.pidfd.send_signal(signal.SIGTERM)
+        for s in live:
             with trio.move_on_after(STOP_TIMEOUT):
-                await proc.wait()
-            if proc.poll() is None:
-                log.error("shard %d did not stop; killing it", k)
-                proc.kill()
-                await proc.wait()
+                await s.exited.wait()
+            if not s.exited.is_set() and s.pidfd is not None:
+                log.error("shard %d did not stop; killing it", s.index)
+                s.pidfd.send_signal(signal.SIGKILL)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await s.exited.wait()
         for mnt in system.fuse_mounts_under(self.config.run_dir):
             system.lazy_unmount(mnt)
-        self.procs.clear()
-        state_path(self.config).unlink(missing_ok=True)
+        self.keeper.release_all()  # every device is out of swap: the connections may end
+        for s in self.slots:
+            s.kit = Kit()
+        self.layout.state_file.unlink(missing_ok=True)
+
+    # -------------------------------------------------------------- per-shard watch
+
+    async def _watch(self, slot: ShardSlot, pidfd: Pidfd, proc: trio.Process | None) -> None:
+        """Wait for this process of the shard to exit (a pidfd works for any process, so an
+        adopted shard, `proc` None, is watched the same way), reap it if it is our child,
+        then decide what becomes of its device."""
+        try:
+            await pidfd.wait_exit()
+            code = await proc.wait() if proc is not None else None
+        finally:
+            pidfd.close()
+        if slot.pidfd is not pidfd:
+            return  # a replacement runs by now
+        slot.pidfd = None
+        slot.exited.set()
+        if slot.handing_off or self.taking_over:
+            return  # it handed its kit over (restart): whoever asked brings the next one up
+        if slot.state == RESTARTING:
+            return  # a replacement that did not come up: `respawn` sees it and tries again
+        if self.shutdown.is_set():
+            slot.state, slot.reason = FAILED, "stopped"
+            return  # tear-down is in charge of its device
+        if not self.active:
+            slot.state, slot.reason = FAILED, f"exited ({_status(code)}) while starting"
+            return  # bring-up fails with this and undoes what it did
+        await self._shard_died(slot, code)
+
+    async def _shard_died(self, slot: ShardSlot, code: int | None) -> None:
+        """One shard's process is gone while serving: its device is handled on its own, the
+        other shards go on serving."""
+        log.error("shard %d (pid %s) exited (%s) while serving %s", slot.index, slot.pid,
+                  _status(code), slot.device or "no device")
+        why = f"exited ({_status(code)})"
+        slot.state, slot.reason = RESTARTING, f"{slot.reason}, {why}" if slot.reason else why
+        self._write_state()
+        try:
+            respawned = await self.respawn(slot)
+        except Exception:  # a failed restart must not take the supervisor with it
+            log.exception("shard %d: restart failed", slot.index)
+            respawned = False
+        if respawned:
+            slot.restarts += 1
+            slot.state, slot.reason = SERVING, None
+            self._write_state()
+            log.info("shard %d serving again (pid %s)", slot.index, slot.pid)
+            return
+        if slot.kit.fds:
+            self._failed_with_kit(slot, f"{slot.reason}; no replacement came up")
+            return
+        slot.state = FAILED
+        await self.retire(slot)
+
+    def _failed_with_kit(self, slot: ShardSlot, why: str) -> None:
+        """No replacement came up, but its connection, map and arenas are all still here: keep
+        them and the device in swap (processes that need one of its pages wait) and try again,
+        backing off up to RETRY_MAX (`monitor`): the cause may pass (memory, a broken install,
+        a config edit that no longer fits the kit). Retiring would lose every page at once."""
+        slot.state = FAILED
+        slot.retry_at = trio.current_time() + slot.retry_every
+        slot.reason = (f"{why}: device kept in swap, its requests wait; trying again in "
+                       f"{slot.retry_every:.0f}s")
+        slot.retry_every = min(RETRY_MAX, slot.retry_every * 2)
+        self._write_state()
+        log.critical("shard %d: %s", slot.index, slot.reason)
+
+    async def _retry(self, slot: ShardSlot) -> None:
+        """One more attempt at a failed shard that holds pages (see `_failed_with_kit`)."""
+        try:
+            async with slot.lock:
+                respawned = await self.respawn(slot, attempts=1)
+        except Exception:  # a failed restart must not take the supervisor with it
+            log.exception("shard %d: restart failed", slot.index)
+            respawned = False
+        if respawned:
+            slot.restarts += 1
+            slot.state, slot.reason, slot.retry_every = SERVING, None, RETRY_FIRST
+            self._write_state()
+            log.info("shard %d serving again (pid %s)", slot.index, slot.pid)
+        else:
+            self._failed_with_kit(slot, "still no replacement")
+
+    async def respawn(self, slot: ShardSlot, attempts: int = RESPAWN_ATTEMPTS) -> bool:
+        """Start a replacement for a dead shard with its kit; True once it serves its device.
+
+        The kit (a copy the keeper holds) is the dead shard's FUSE connection, map, arenas and
+        secrets: the replacement opens them, rebuilds its spaces from the map, asks the kernel
+        to resend what its predecessor had read but not answered (FUSE_NOTIFY_RESEND), and
+        serves. Up to `attempts` replacements are tried in a row."""
+        if not slot.kit.fds:
+            return False  # died before it deposited a kit: nothing to restart with
+        for attempt in range(1, attempts + 1):
+            await self._spawn(slot)
+            if await self._answers_soon(slot, RESPAWN_TIMEOUT):
+                try:  # the replacement may have made memfds its predecessor had not
+                    await self._deposit(slot)
+                except (StartError, KitError) as e:
+                    log.warning("shard %d: the replacement's kit: %s", slot.index, e)
+                return True
+            log.error("shard %d: replacement %d of %d did not come up", slot.index, attempt,
+                      attempts)
+            if slot.pidfd is not None and not slot.exited.is_set():
+                slot.pidfd.send_signal(signal.SIGKILL)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await slot.exited.wait()
+        return False
+
+    async def _answers_soon(self, slot: ShardSlot, timeout: float) -> bool:
+        """The shard's current process answers a ping within `timeout` (False if it exits)."""
+        with trio.move_on_after(timeout):
+            while not slot.exited.is_set():
+                try:
+                    await acall(slot.paths.control_socket, commands.Ping().to_wire(), timeout=2)
+                    return True
+                except ControlError:
+                    await trio.sleep(0.05)
+        return False
+
+    async def sweep(self) -> None:
+        """Keep the kits' memory locked as the shards grow it (tierswap/keeper.py)."""
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            await trio.to_thread.run_sync(self.keeper.sweep)
+
+    async def retire(self, slot: ShardSlot) -> None:
+        """A shard that will not serve again: make sure nothing waits on its FUSE connection,
+        take its device out of swap (pages nobody can read any more are lost: their owners get
+        SIGBUS, as the kernel marks them at swapoff), detach it and unmount."""
+        with trio.CancelScope(shield=True):
+            if await trio.to_thread.run_sync(system.abort_fuse, str(slot.paths.mountpoint),
+                                             slot.backing):
+                log.warning("shard %d: aborted its FUSE connection", slot.index)
+            err = await self._swapoff(slot)
+            if err is not None:
+                log.error("shard %d: its device stays in swap: %s", slot.index, err)
+                slot.reason = f"{slot.reason}; swapoff failed: {err}"
+            elif str(slot.paths.mountpoint) in system.fuse_mounts_under(self.layout.run_dir):
+                await trio.to_thread.run_sync(system.lazy_unmount, str(slot.paths.mountpoint))
+            await trio.to_thread.run_sync(self.keeper.release, slot.index)
+            slot.kit = Kit()
+            self._write_state()
+            log.error("shard %d failed (%s); the other shards go on serving", slot.index,
+                      slot.reason)
+
+    async def monitor(self) -> None:
+        """Ping every serving shard; one silent for HUNG_AFTER while its process lives is
+        hung: it is killed and handled like a shard that died (replaced from its kit). A failed
+        shard that holds its kit is tried again when its backoff is over. A shard's silence
+        costs that shard only, never the others."""
+        while True:
+            replies = await self.fanout(commands.Ping())
+            now = trio.current_time()
+            for slot in self.slots:
+                if (slot.state == FAILED and slot.retry_at is not None and now >= slot.retry_at
+                        and slot.kit.fds and not self.shutdown.is_set()):
+                    slot.retry_at, slot.state = None, RESTARTING  # one attempt at a time
+                    assert self._outer is not None
+                    self._outer.start_soon(self._retry, slot)  # the others are still pinged
+            for slot, r in zip(self.slots, replies, strict=True):
+                if slot.state != SERVING or r.ok:
+                    slot.silent_since = None
+                    continue
+                if slot.silent_since is None:
+                    slot.silent_since = now
+                    log.warning("shard %d does not answer: %s", slot.index, r.error)
+                elif now - slot.silent_since >= HUNG_AFTER and slot.pidfd is not None:
+                    log.error("shard %d silent for %.0fs: hung; killing it", slot.index,
+                              now - slot.silent_since)
+                    slot.reason = f"hung (silent {now - slot.silent_since:.0f}s)"
+                    slot.pidfd.send_signal(signal.SIGKILL)
+                    slot.silent_since = None
+            await trio.sleep(PING_INTERVAL)
 
     # -------------------------------------------------------------- control
 
-    async def fanout(self, req: dict[str, Any], timeout: float = 30.0) -> list[Any]:
-        results: list[Any] = [None] * len(self.procs)
+    async def fanout(self, req: commands.Request,
+                     progress: Progress | None = None) -> list[ShardReply]:
+        """Ask every shard its part of `req` at once; one reply per shard, never an exception.
 
-        async def one(k: int) -> None:
-            results[k] = await acall(self.config.shard_dir(k) / "control.sock", req,
-                                     timeout=timeout)
+        Each shard has the request's own timeout. A shard that is not serving is not asked; one
+        that does not answer, answers an error or breaks the protocol gets a reply with that
+        error, so the caller can still combine what the others said. Progress lines of the
+        shards are combined and forwarded at most every 0.2 s.
+        """
+        parts = req.split(len(self.slots))
+        replies: list[ShardReply] = [ShardReply(s.index, error="not asked") for s in self.slots]
+        seen: list[dict[str, Any]] = [{} for _ in self.slots]
+        changed = trio.Event()
 
-        try:
-            async with trio.open_nursery() as n:
-                for k in range(len(self.procs)):
-                    n.start_soon(one, k)
-        except BaseExceptionGroup as eg:
-            err = first_error(eg)
-            if isinstance(err, ControlError):
-                raise err from None
-            raise
-        return results
+        def note(k: int, p: dict[str, Any]) -> None:
+            seen[k] = p
+            changed.set()
 
-    async def handle(self, req: dict[str, Any], progress=None) -> Any:
+        async def one(slot: ShardSlot, part: commands.Request) -> None:
+            k = slot.index
+            if isinstance(part, commands.Skip):
+                replies[k] = ShardReply(k, result={})
+                return
+            if slot.state != SERVING:
+                replies[k] = ShardReply(k, error=f"shard {k} is {slot.state}")
+                return
+            try:
+                res = await acall(slot.paths.control_socket, part.to_wire(),
+                                  timeout=part.shard_timeout, on_progress=lambda p: note(k, p))
+                replies[k] = ShardReply(k, result=res)
+            except ControlError as e:
+                replies[k] = ShardReply(k, error=str(e))
+            except Exception as e:  # a broken reply costs this shard's part only
+                log.exception("shard %d: %s failed", k, part.cmd)
+                replies[k] = ShardReply(k, error=f"bad reply ({type(e).__name__})")
+
+        async def forward() -> None:
+            nonlocal changed
+            assert progress is not None
+            while True:
+                await changed.wait()
+                changed = trio.Event()
+                await progress(req.combine_progress(seen))
+                await trio.sleep(0.2)
+
+        async with trio.open_nursery() as n:
+            if progress is not None:
+                n.start_soon(forward)
+            async with trio.open_nursery() as workers:
+                for slot, part in zip(self.slots, parts, strict=True):
+                    workers.start_soon(one, slot, part)
+            n.cancel_scope.cancel()
+        return replies
+
+    async def status(self) -> dict[str, Any]:
         from tierswap.status import combine_status
 
-        cmd = req["cmd"]
-        if cmd == "status":
-            shards = await self.fanout({"cmd": "stats"})
-            return combine_status(self.config, self.loops, shards, active=self.active)
-        if cmd == "ping":
+        replies = await self.fanout(commands.Stats())
+        st = combine_status(self.config, [s.info() for s in self.slots], replies,
+                            active=self.active)
+        st["supervisor"] = {"pid": os.getpid(), "tasks": self.board.record()}
+        return st
+
+    async def handle(self, wire: dict[str, Any], progress: Progress | None = None) -> Any:
+        req = commands.parse(wire, commands.PUBLIC)
+        if isinstance(req, commands.Status):
+            return await self.status()
+        if isinstance(req, commands.Ping):
             return {"pid": os.getpid(), "active": self.active}
-        if cmd == "down":
+        if isinstance(req, commands.Restart):
+            return await self.hand_over(req.config)
+        if isinstance(req, commands.Down):
             # swapoff here, so that a failure reaches the operator and nothing is stopped
             failed = await self.swapoff_all()
             if failed:
                 raise ControlError(f"swapoff failed, swap stays active: {failed[0]}")
             self.shutdown.set()
             return {"stopping": True}
-        from tierswap.status import combine_command
+        return req.combine(await self.fanout(req, progress))
 
-        if cmd in ("migrate", "drain", "undrain", "compact", "policy", "inspect"):
-            return await combine_command(self, req, progress)
-        raise ControlError(f"unknown command {cmd!r}")
+    async def hand_over(self, config_path: str | None = None) -> dict[str, Any]:
+        """`tierswap restart`: start a supervisor running the code installed now, let it take
+        the shards over (their kits, their processes), and exit without tearing anything down
+        once it reports ready. It then replaces the shards one at a time. Swap stays on."""
+        if self.taking_over or self.replacing:
+            raise ControlError("a restart is already under way")
+        if self.shutdown.is_set():
+            raise ControlError("stopping: no restart")
+        for slot in self.slots:
+            if slot.state != SERVING or slot.pidfd is None:
+                raise ControlError(f"shard {slot.index} is {slot.state}: a restart needs every "
+                                   "shard serving (its kit would stay behind)")
+        self.taking_over = True
+        r, w = os.pipe()
+        argv = [sys.executable, "-m", "tierswap", "up", "--foreground"]
+        config_path = config_path or self.config_path
+        if config_path:
+            argv += ["--config", config_path]
+        env = dict(os.environ, TIERSWAP_READY_FD=str(w),
+                   TIERSWAP_TAKEOVER=self.ident.format().strip())
+        log_fd = os.open(self.layout.log_file,
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                    stderr=log_fd, env=env, pass_fds=(w,),
+                                    start_new_session=True)
+        finally:
+            os.close(log_fd)
+            os.close(w)
+        line = ""
+        try:
+            with trio.move_on_after(RESTART_TIMEOUT):
+                line = await _read_line_fd(r)
+        finally:
+            os.close(r)
+        if not line.startswith("READY"):
+            self.taking_over = False
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await trio.to_thread.run_sync(proc.wait)
+            why = (line[6:] if line.startswith("ERROR") else
+                   f"it ended without a word (see {self.layout.log_file})" if line == "" and
+                   proc.returncode != -signal.SIGKILL else "no word from it in time")
+            raise ControlError(f"restart: the new supervisor did not take over: {why}")
+        log.info("supervisor pid %d took over; this one exits, swap stays on", proc.pid)
+        sd_notify(f"MAINPID={proc.pid}")  # under systemd the new one is the main process now
+        self.handed_over = True
+        self.shutdown.set()
+        return {"supervisor": proc.pid}
+
+    async def replace_shards(self) -> None:
+        """After a takeover: each shard in turn hands its kit over and a process running the
+        code installed now takes its place (the kernel holds its requests meanwhile)."""
+        self.replacing = True
+        try:
+            await self._replace_shards()
+        finally:
+            self.replacing = False
+
+    async def _replace_shards(self) -> None:
+        if self.takeover is not None:
+            old = Pidfd.open(self.takeover)
+            if old is not None:  # the supervisor we replaced exits once we reported ready
+                with old, trio.move_on_after(STOP_TIMEOUT):
+                    await old.wait_exit()
+        for slot in self.slots:
+            if slot.state != SERVING or slot.pidfd is None:
+                continue
+            slot.handing_off = True
+            try:
+                await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
+                with trio.fail_after(STOP_TIMEOUT):
+                    await slot.exited.wait()
+            except (ControlError, trio.TooSlowError) as e:
+                log.error("shard %d did not hand over (%s): left as it is", slot.index, e)
+                slot.handing_off = False
+                continue
+            slot.handing_off = False
+            slot.state = RESTARTING
+            self._write_state()
+            if await self.respawn(slot):
+                slot.state, slot.reason = SERVING, None
+                log.info("shard %d replaced (pid %s)", slot.index, slot.pid)
+            else:
+                self._failed_with_kit(slot, "no replacement came up after a restart")
+            self._write_state()
 
     async def watchdog(self) -> None:
-        """Ping systemd only while every shard answers: a wedged shard stops the pings."""
+        """Ping systemd while the supervisor itself works (its loop runs and its control
+        server and shard monitor are up). Shards are judged one by one by `monitor`: one
+        wedged shard must not make systemd stop every shard."""
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if not usec:
-            return
+            await trio.sleep_forever()
         interval = usec / 1e6 / 3
         while True:
-            try:
-                await self.fanout({"cmd": "ping"}, timeout=interval)
+            tasks = self.board.tasks
+            if all(tasks[n].running for n in ("control", "monitor") if n in tasks):
                 sd_notify("WATCHDOG=1")
-            except Exception as e:  # a missed ping only withholds WATCHDOG=1
-                log.error("watchdog: a shard does not answer: %s", first_error(e))
+            else:
+                log.error("watchdog: the supervisor's control server or shard monitor is down")
             await trio.sleep(interval)
 
     async def status_line(self) -> None:
@@ -374,10 +718,7 @@ class Supervisor:
 
         while True:
             try:
-                shards = await self.fanout({"cmd": "stats"})
-                from tierswap.status import combine_status
-
-                st = combine_status(self.config, self.loops, shards, active=self.active)
+                st = await self.status()
                 sd_notify("STATUS=" + one_line(st))
                 if self.config.metrics.textfile is not None:
                     from tierswap.metrics import write_textfile
@@ -390,47 +731,110 @@ class Supervisor:
     # -------------------------------------------------------------- main
 
     async def run(self, ready_fd: int | None) -> None:
-        self.config.pid_file.write_text(f"{os.getpid()}\n")
-        os.chmod(self.config.pid_file, 0o600)
+        """Bring up, serve until told to stop, tear down; signals are handled throughout,
+        tear-down included: a second SIGTERM during swapoff must not end the supervisor."""
+        if self.owning:
+            write_private(self.layout.pid_file, self.ident.format())
+        error: BaseException | None = None
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as outer:
+                self._outer = outer
+                outer.start_soon(self._signals, signals)
+                try:
+                    await self._serve(ready_fd)
+                except* (StartError, CommandError) as eg:
+                    error = first_error(eg)
+                finally:
+                    if self.owning and not self.handed_over:
+                        with trio.CancelScope(shield=True):
+                            await self.tear_down()
+                    elif not self.owning:
+                        self.keeper.release_all()  # copies only: the shards keep theirs
+                    outer.cancel_scope.cancel()
+        if self.handed_over or not self.owning:
+            log.info("handed over; exiting with swap on" if self.handed_over else
+                     "took nothing over; the running supervisor keeps serving")
+            if error is not None and not self.handed_over:
+                raise error
+            return  # the pid file is the other supervisor's
+        self.layout.pid_file.unlink(missing_ok=True)
+        log.info("stopped")
+        if error is not None:
+            raise error
+
+    async def _serve(self, ready_fd: int | None) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    nursery.start_soon(self._signals, sigs)
-                    try:
-                        with trio.CancelScope() as bring_up_scope:
-                            self._bring_up_scope = bring_up_scope
-                            await self.bring_up()
-                    except (StartError, system.SystemError_) as e:
-                        _report(ready_fd, f"ERROR {e}")
-                        raise
-                    if bring_up_scope.cancelled_caught:
-                        raise StartError("interrupted while starting")
-                    await nursery.start(serve_control, self.config.control_socket, self.handle)
-                    msg = f"READY {' '.join(self.loops)}"
-                    log.info("swap active on %s (%s virtual, %d shard(s))", ", ".join(self.loops),
-                             format_size(self.config.size), self.config.shards)
-                    _report(ready_fd, msg)
-                    sd_notify("READY=1")
-                    nursery.start_soon(self.watchdog)
-                    nursery.start_soon(self.status_line)
-                    if self.config.metrics.listen:
-                        from tierswap.metrics import serve_metrics
-
-                        nursery.start_soon(serve_metrics, self)
-                    await self.shutdown.wait()
-                    nursery.cancel_scope.cancel()
+            with trio.CancelScope() as bring_up_scope:
+                self._bring_up_scope = bring_up_scope
+                if self.adopting:
+                    await self.adopt()
+                else:
+                    await self.bring_up()
+        except (StartError, CommandError) as e:
+            _report(ready_fd, f"ERROR {e}")
+            raise
         finally:
-            with trio.CancelScope(shield=True):
-                await self.tear_down()
-            self.config.pid_file.unlink(missing_ok=True)
-            log.info("stopped")
+            self._bring_up_scope = None
+        if bring_up_scope.cancelled_caught:
+            _report(ready_fd, "ERROR interrupted while starting")
+            raise StartError("interrupted while starting")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(
+                keep_running, self.board, "control",
+                partial(serve_control, self.layout.control_socket, self.handle),
+                backoff=CONTROL_RESTART))
+            log.info("swap active on %s (%s virtual, %d shard(s))", ", ".join(self.loops),
+                     format_size(self.config.size), self.config.shards)
+            if not self.owning:  # a takeover: from here on everything is ours
+                write_private(self.layout.pid_file, self.ident.format())
+                self.owning = True
+            _report(ready_fd, f"READY {' '.join(self.loops)}")
+            sd_notify("READY=1")
+            if self.takeover is not None:
+                nursery.start_soon(self.replace_shards)
+            for name, fn in (("monitor", self.monitor), ("watchdog", self.watchdog),
+                             ("status", self.status_line), ("keeper", self.sweep)):
+                nursery.start_soon(partial(keep_running, self.board, name, started_at_once(fn)))
+            if self.config.metrics.listen:
+                from tierswap.metrics import serve_metrics
 
-    async def _signals(self, sigs) -> None:
-        async for _ in sigs:
-            log.info("signal received: stopping")
+                nursery.start_soon(partial(keep_running, self.board, "metrics",
+                                           partial(serve_metrics, self)))
+            await self.shutdown.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self, signals) -> None:
+        async for signum in signals:
+            name = signal_name(signum)
+            if self.shutdown.is_set():
+                log.warning("%s received while stopping (swapoff runs first): ignored", name)
+                continue
+            log.warning("%s received: stopping (swapoff first)", name)
             self.shutdown.set()
-            if not self.active and self._bring_up_scope is not None:
+            if self._bring_up_scope is not None:
                 self._bring_up_scope.cancel()
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "status unknown"
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+
+
+async def _read_line_fd(fd: int) -> str:
+    """One line from a pipe, waiting in trio (EOF: what there is)."""
+    os.set_blocking(fd, False)
+    buf = b""
+    while b"\n" not in buf:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
 
 
 def _report(fd: int | None, msg: str) -> None:
@@ -450,11 +854,15 @@ def supervise(config: Config, config_path: str | None, ready_fd: int | None = No
     except StartError as e:
         _report(ready_fd, f"ERROR {e}")
         raise
-    failed = hardening.harden()
+    try:
+        failed = hardening.harden(allow_unlocked=config.allow_unlocked_memory)
+    except hardening.HardeningError as e:
+        _report(ready_fd, f"ERROR {e}")
+        raise StartError(str(e)) from None
     for msg in failed:
         log.warning("running without full protection: %s", msg)
     try:
         trio.run(sup.run, ready_fd)
-    except (StartError, system.SystemError_) as e:
+    except CommandError as e:
         raise StartError(str(e)) from None
     return 0

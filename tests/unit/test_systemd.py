@@ -13,6 +13,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,12 @@ def test_unit_type_and_commands(unit):
 def test_unit_timeouts_and_watchdog(unit):
     svc = unit["Service"]
     assert svc["WatchdogSec"] == ["30"]
+    # the signal every tierswap process handles as a stop (never the default abort and core)
+    from tierswap.tasks import STOP_SIGNALS, WATCHDOG_SIGNAL
+
+    assert svc["WatchdogSignal"] == [signal.Signals(WATCHDOG_SIGNAL).name]
+    assert WATCHDOG_SIGNAL in STOP_SIGNALS
+    assert "TimeoutAbortSec" not in svc or svc["TimeoutAbortSec"] == svc["TimeoutStopSec"]
     assert svc["TimeoutStopSec"] == ["30min"]  # swapoff pulls every page back
     assert svc["TimeoutStartSec"] == ["5min"]
 
@@ -155,6 +162,7 @@ def test_unit_memory_protection(unit):
     svc = unit["Service"]
     assert svc["OOMScoreAdjust"] == ["-1000"]
     assert svc["LimitMEMLOCK"] == ["infinity"]
+    assert svc["LimitCORE"] == ["0"]  # no core of page memory or keys
     assert svc["MemorySwapMax"] == ["0"]
     assert svc["OOMPolicy"] == ["continue"]
     assert svc["ManagedOOMPreference"] == ["omit"]
@@ -262,7 +270,7 @@ def test_check_config_rejects_a_bad_file_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tierswap", "check-config", "--config", str(path)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.startswith("tierswap: config error: device.priority:")
+    assert p.stderr.startswith(f"tierswap: config error: {path}: device.priority:")
     assert p.stderr.count("\n") == 1
 
 
