@@ -638,7 +638,7 @@ class NBDClient:
     async def _read_replies(self) -> None:
         """The one task that reads the socket, completing requests by cookie until it dies."""
         rx = self._rx
-        lost = NBDDisconnected
+        lost: type[Exception] = NBDDisconnected
         try:
             while True:
                 if self._draining and not self._pending and not self._disc_sent:

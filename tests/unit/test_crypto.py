@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tierswap.crypto import BLOCK, TAG, AuthenticationError, BlockSealer, padded
+from tierswap.crypto import BLOCK, AuthenticationError, BlockSealer, padded
 from tierswap.tiers.base import TierError
 
 MiB = 1 << 20
@@ -89,11 +89,12 @@ def test_wrong_location_fails() -> None:
     other = BlockSealer(4 * MiB, b"test/shard0", key=b"k" * 32)
     blk = bytes(other.seal(0, b"page" * 1024))
     moved = BlockSealer(4 * MiB, b"test/shard0", key=b"k" * 32)
-    moved._ctr[1], moved._tags[TAG : 2 * TAG] = other._ctr[0], other._tags[:TAG]
+    ctrs, tags = other.tags.get(0, 1)
+    moved.tags.set(1, ctrs[0], tags)
     with pytest.raises(AuthenticationError):
         moved.open(BLOCK, blk)
     shard1 = BlockSealer(4 * MiB, b"test/shard1", key=b"k" * 32)
-    shard1._ctr[0], shard1._tags[:TAG] = other._ctr[0], other._tags[:TAG]
+    shard1.tags.set(0, ctrs[0], tags)
     with pytest.raises(AuthenticationError):  # another shard (context) at the same offset
         shard1.open(0, blk)
     assert other.open(0, blk) == b"page" * 1024  # and the control: in place it opens
@@ -117,7 +118,7 @@ def test_nonces_unique_and_keys_private() -> None:
     for i in range(1000):
         s.seal((i % 4096) * BLOCK, b"same plaintext")
     s.seal(0, os.urandom(MiB))
-    ctrs = s._ctr[s._ctr != 0]
+    ctrs = s.tags.ctr[s.tags.ctr != 0]
     assert len(set(ctrs.tolist())) == len(ctrs)
     assert s._next == 1000 + 256 + 1  # one counter value per sealed block, never reused
     a, b = sealer(), sealer()
@@ -143,7 +144,7 @@ def test_bounds_checked() -> None:
 async def test_file_tier_encrypt(tmp_path) -> None:
     """`encrypt = true` on a file tier: the same sealing, ciphertext on disk, EIO on tamper."""
     from tierswap.config import parse_config
-    from tierswap.tiers.file import FileTier, prepare_file
+    from tierswap.tiers.file import HEADER, FileTier, prepare_file
 
     path = tmp_path / "disk.tier"
     cfg = parse_config(f"""
@@ -164,14 +165,14 @@ encrypt = true
     try:
         assert tier.sealer is not None
         text = b"PLAINTEXT-CANARY-" * 500
-        await tier.write(BLOCK, text)
+        await tier.write(BLOCK, text, 1)
         assert await tier.read(BLOCK + 3, 5000) == text[3:5003]
         on_disk = path.read_bytes()
         assert b"PLAINTEXT-CANARY-" not in on_disk
-        assert on_disk[BLOCK : 2 * BLOCK] != bytes(BLOCK)
+        assert on_disk[HEADER + BLOCK : HEADER + 2 * BLOCK] != bytes(BLOCK)
         fd = os.open(path, os.O_WRONLY)
         try:
-            os.pwrite(fd, b"\xff" * 16, 2 * BLOCK + 100)
+            os.pwrite(fd, b"\xff" * 16, HEADER + 2 * BLOCK + 100)
         finally:
             os.close(fd)
         assert await tier.read(BLOCK, 100) == text[:100]  # first block untouched

@@ -1,6 +1,6 @@
 """Tier `remote`: sealed pages on one or more NBD exports, replicated, surviving target loss.
 
-Layout. The tier's address space (its SegmentSpace, capacity = this shard's share) maps 1:1
+Layout. The tier's address space (its space in the lane, capacity = this shard's share) maps 1:1
 onto every export: shard k owns bytes [k * share, (k + 1) * share) of each export, like the
 file tier's file, and a byte at tier offset x is at export offset k * share + x on whichever
 targets hold its segment. Sealing (tierswap.crypto) keeps lengths, so that map is exact.
@@ -41,6 +41,15 @@ down longer than `rereplicate_after` (10 s) has its segments re-replicated onto 
 connected target not already holding them, when there is one (replicas < targets): copied
 from a survivor, then the placement entry is switched.
 
+State across a crash. Placement, the segment lives and each target's missed/suspect bitmaps
+are numpy views of the kit memfd `state.T`, the sealing key, nonce reservation, counters and
+tags are in `secrets.T` (tierswap/kitstate.py, crypto.py; erasure coding: tiers/ecstate.py),
+so a shard that replaces a dead one adopts them and reads every page its predecessor wrote.
+Each is updated before the I/O that relies on it, so any instant of death leaves a state to
+continue from. Connection state is not kept: the replacement reconnects, and since a target may
+have lost its contents while no process of ours watched, its first connection counts as a
+return (its segments are suspect until verified), exactly as after an outage.
+
 Bounds: per target one NBD connection with at most MAX_INFLIGHT requests and
 MAX_INFLIGHT_BYTES of payload in flight; every request is bounded by `timeout` (5 s). The
 device awaits this tier only for pieces placed here, so a slow network cannot stall the RAM
@@ -61,6 +70,8 @@ import trio
 
 from tierswap.config import Config, TierConfig
 from tierswap.crypto import BLOCK, AuthenticationError, BlockSealer
+from tierswap.kit import Kit
+from tierswap.kitstate import Field, Layout, claim
 from tierswap.nbd import (
     NBDClient,
     NBDClientError,
@@ -70,8 +81,10 @@ from tierswap.nbd import (
     NBDTimeout,
     open_nbd_client,
 )
-from tierswap.tiers.base import SEG_SIZE, Tier, TierError, shard_capacity
-from tierswap.tiers.segments import Piece, SegmentSpace
+from tierswap.tiers.base import SEG_SHIFT, SEG_SIZE, Store, TierError, shard_capacity
+from tierswap.tiers.ecseal import FragmentSecrets
+from tierswap.tiers.erasure import ErasureStore, Geometry
+from tierswap.tiers.ratelimit import ByteRate
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +102,14 @@ _LOST = (NBDDisconnected, NBDTimeout, trio.ClosedResourceError)
 class _Target:
     """One export and what we know about it."""
 
-    def __init__(self, index: int, url: str, nseg: int) -> None:
+    def __init__(self, index: int, url: str, missed: np.ndarray, suspect: np.ndarray) -> None:
         self.index = index
         self.url = url
         self.client: NBDClient | None = None
-        self.missed = np.zeros(nseg, bool)  # its copy of the segment is stale or absent
-        self.suspect = np.zeros(nseg, bool)  # may have lost its copy while away: verify
+        # one bit per segment, views of the tier's state (a kit memfd): only ever updated in
+        # place, never rebound
+        self.missed = missed  # its copy of the segment is stale or absent
+        self.suspect = suspect  # may have lost its copy while away: verify
         self.errors = 0
         self.reconnects = 0
         self.ever_connected = False
@@ -105,25 +120,6 @@ class _Target:
     @property
     def up(self) -> bool:
         return self.client is not None
-
-
-class _RemoteSpace(SegmentSpace):
-    """The segment allocator, telling the tier when a segment is opened (to place it)."""
-
-    def __init__(self, nseg: int, on_open: Callable[[int], None],
-                 may_allocate: Callable[[], bool]) -> None:
-        super().__init__(nseg, SEG_SIZE, BLOCK)
-        self._on_open = on_open
-        self._may_allocate = may_allocate
-
-    def allocate(self, lens: np.ndarray) -> list[Piece]:
-        if not self._may_allocate():
-            return []
-        pieces = super().allocate(lens)
-        for p in pieces:
-            if p.base & (self.seg_size - 1) == 0:  # first piece of a freshly opened segment
-                self._on_open(p.base >> self.seg_shift)
-        return pieces
 
 
 class _SegmentGate:
@@ -164,21 +160,52 @@ class _SegmentGate:
             done.set()
 
 
-class RemoteTier(Tier):
+class RemoteTier(Store):
     kind = "remote"
 
-    def __init__(self, cfg: TierConfig, index: int, capacity: int, shard: int) -> None:
-        super().__init__(cfg, index, capacity, align=BLOCK)
-        nseg = self.space.nseg
-        self.space = _RemoteSpace(nseg, self._place, self._writable)
+    def __init__(self, cfg: TierConfig, index: int, capacity: int, shard: int,
+                 shards: int = 1, kit: Kit | None = None) -> None:
+        super().__init__(cfg, index, capacity)
+        nseg = self.nseg
+        # replicas seal whole 4 KiB blocks, so the lane starts each batch on one; erasure
+        # coding packs pieces back to back (its fragments are sealed block by block)
+        self.align = BLOCK if cfg.erasure is None else 1
+        self.errors = 0
         self.shard = shard
+        self.shards = shards
         self.origin = shard * capacity
         self.need = (shard + 1) * capacity  # export bytes this shard needs
         self.replicas = cfg.replicas
-        self.targets = [_Target(i, url, nseg) for i, url in enumerate(cfg.targets)]
-        self.placement = np.full((nseg, self.replicas), -1, np.int16)
-        self._life = np.zeros(nseg, np.uint32)  # bumped when a segment is (re)placed
-        self.sealer = BlockSealer.for_tier(self.kind, self.name, shard, capacity)
+        self.context = f"tierswap/{self.kind}/{self.name}/shard{shard}"
+        # the state a replacement shard needs is in the kit's state.<index> (kitstate.py)
+        # (a tier a dead process served must be adopted: never silently started afresh)
+        served = kit is not None and kit.has(f"life.{index}")
+        region, state = self._layout(cfg, nseg).open(kit, f"state.{index}", self.context,
+                                                      adopt=True if served else None)
+        self.adopted = region is not None and region.adopted  # made by a process now dead
+        self._placed_life = state["placed_life"]  # the lane's segment life we placed for
+        self._life = state["life"]  # bumped when a segment is (re)placed
+        if cfg.erasure is None:
+            self.placement = state["placement"]
+            self.targets = [_Target(i, url, state["missed"][i], state["suspect"][i])
+                            for i, url in enumerate(cfg.targets)]
+            self.sealer = BlockSealer.for_tier(self.kind, self.name, shard, capacity, kit,
+                                               index, adopt=self.adopted)
+        else:  # the store keeps its own per-fragment state; these stay unused
+            self.placement = np.full((nseg, self.replicas), -1, np.int16)
+            self.targets = [_Target(i, url, np.zeros(nseg, bool), np.zeros(nseg, bool))
+                            for i, url in enumerate(cfg.targets)]
+            # (with erasure coding the store seals per fragment: this one is a single block)
+            self.sealer = BlockSealer(BLOCK, self.context.encode())
+        self.repair_rate = ByteRate(cfg.repair_rate)
+        self.store: ErasureStore | None = None
+        if cfg.erasure is not None:
+            self._init_erasure(cfg, nseg, shard, kit, state)
+        if region is not None:
+            region.commit()  # last: everything it names is initialised
+        if self.adopted:
+            log.info("tier %s: adopted the state of shard %d's previous process; every target "
+                     "is verified as it connects", self.name, shard)
         self._gate = _SegmentGate()
         self._nursery: trio.Nursery | None = None
         self._closing: list[NBDClient] = []  # dropped clients not yet closed
@@ -195,8 +222,22 @@ class RemoteTier(Tier):
         self.resynced_segments = 0
         self.rereplicated_segments = 0
 
+    @staticmethod
+    def _layout(cfg: TierConfig, nseg: int) -> Layout:
+        n = len(cfg.targets)
+        fields = [Field("life", np.uint32, (nseg,)), Field("placed_life", np.uint32, (nseg,))]
+        if cfg.erasure is None:
+            return Layout("remote/replicas/1", [
+                *fields, Field("placement", np.int16, (nseg, cfg.replicas), -1),
+                Field("missed", np.bool_, (n, nseg)), Field("suspect", np.bool_, (n, nseg))])
+        g = Geometry(*cfg.erasure, SEG_SIZE)
+        return Layout(f"remote/erasure-{g.k}+{g.m}/1", [
+            *fields, Field("slots_fixed", np.uint8, (n,)),
+            *ErasureStore.fields(g, nseg, n)])
+
     @classmethod
-    async def create(cls, cfg: TierConfig, index: int, config: Config, shard: int) -> RemoteTier:
+    async def create(cls, cfg: TierConfig, index: int, config: Config, shard: int,
+                     kit: Kit | None = None) -> RemoteTier:
         """Check every reachable export now; unreachable ones start down and are retried.
 
         Configuration mistakes (export too small or read-only, TLS or export name refused)
@@ -205,7 +246,11 @@ class RemoteTier(Tier):
         """
         share = shard_capacity(cfg, config)
         need = (shard + 1) * share
-        for url in cfg.targets:
+        sizes: dict[int, int] = {}
+        if cfg.erasure is not None:
+            g = Geometry(*cfg.erasure, SEG_SIZE)
+            need = (shard + 1) * g.min_slots(share // SEG_SIZE, len(cfg.targets)) * g.frag_size
+        for i, url in enumerate(cfg.targets):
             try:
                 async with open_nbd_client(url, tls_ca=cfg.tls_ca,
                                            timeout=REQUEST_TIMEOUT) as c:
@@ -217,17 +262,106 @@ class RemoteTier(Tier):
                 continue
             if read_only:
                 raise TierError(errno.EROFS, f"tier {cfg.name}: export {url} is read-only")
+            if size < need and cfg.erasure is not None:
+                raise TierError(
+                    errno.ENOSPC,
+                    f"tier {cfg.name}: export {url} has {size} bytes; erasure {cfg.erasure[0]}"
+                    f"+{cfg.erasure[1]} over {len(cfg.targets)} targets needs at least "
+                    f"{need // (shard + 1)} per shard ({config.shards} shard(s))")
             if size < need:
                 raise TierError(
                     errno.ENOSPC,
                     f"tier {cfg.name}: export {url} has {size} bytes, but shard {shard} uses "
                     f"bytes [{shard * share}, {need}) of it (capacity / shards per shard)")
-        return cls(cfg, index, share, shard)
+            sizes[i] = size
+        tier = cls(cfg, index, share, shard, config.shards, kit)
+        if tier.store is not None:
+            for i, size in sizes.items():
+                tier._export_seen(i, size)
+        return tier
+
+    # ------------------------------------------------------------------ erasure coding
+
+    def _init_erasure(self, cfg: TierConfig, nseg: int, shard: int, kit: Kit | None,
+                      state: dict[str, np.ndarray]) -> None:
+        """Erasure coding: the store does the coding, this tier only moves its bytes."""
+        assert cfg.erasure is not None
+        g = Geometry(*cfg.erasure, SEG_SIZE)
+        self.min_slots = g.min_slots(nseg, len(cfg.targets))
+        self.slots_fixed = state["slots_fixed"]  # export size seen: region fixed
+        secrets = None
+        if kit is not None:
+            size = FragmentSecrets.nbytes(nseg, g.n, g.fblocks)
+            region = claim(kit, f"secrets.{self.index}", size,
+                           f"fragmentsecrets/1/{nseg}x{g.n}x{g.fblocks}/{self.context}",
+                           adopt=self.adopted)
+            secrets = FragmentSecrets(nseg, g.n, g.fblocks, buffer=region.payload,
+                                      fresh=not region.adopted)
+            region.commit()
+        self.store = ErasureStore(
+            g, nseg, len(cfg.targets), self, slots=self.min_slots, rate=cfg.repair_rate,
+            name=self.name, context=self.context.encode(), secrets=secrets, state=state,
+            adopted=self.adopted)
+        # where this shard's region starts on each target follows from its slot count
+        self.frag_base = [shard * int(c) * g.frag_size for c in self.store.placement.capacity]
+
+    def _export_seen(self, i: int, size: int) -> None:
+        """The first size seen fixes the target's slots (all it offers, up to one per
+        segment) and so where this shard's region starts on it."""
+        assert self.store is not None
+        if self.slots_fixed[i]:
+            return
+        g = self.store.g
+        slots = max(self.min_slots, min(self.store.nseg, size // self.shards // g.frag_size))
+        self.frag_base[i] = self.shard * slots * g.frag_size
+        self.store.set_slots(i, slots)
+        self.slots_fixed[i] = True
+
+    def _opened(self, seg: int) -> None:
+        self._life[seg] += 1  # the store places the segment on its first write of this life
+
+    def is_up(self, t: int) -> bool:
+        return self.targets[t].up
+
+    async def frag_read(self, t: int, offset: int, buf: memoryview) -> bool:
+        at = self.frag_base[t] + offset
+        return await self._on_target(self.targets[t], "read", lambda c: c.readinto(at, buf))
+
+    async def frag_write(self, t: int, offset: int, data: memoryview) -> bool:
+        at = self.frag_base[t] + offset
+        return await self._on_target(self.targets[t], "write", lambda c: c.write(at, data))
+
+    async def frag_trim(self, t: int, offset: int, length: int) -> bool:
+        client = self.targets[t].client
+        if client is None or not client.can_trim:
+            return False
+        at = self.frag_base[t] + offset
+        return await self._on_target(self.targets[t], "trim", lambda c: c.trim(at, length))
 
     # ------------------------------------------------------------------ placement
 
-    def _writable(self) -> bool:
+    def available(self) -> bool:
+        """Whether the tier can take new pages now (else the lane spills past it): with no
+        target connected (erasure: too few for a segment), it cannot."""
+        if self.store is not None:
+            return self.store.can_open()
         return any(t.up for t in self.targets)
+
+    def freed(self, seg: int, life: int) -> None:
+        """The lane gave segment `seg` (of that life) back to its free set."""
+        if self.store is not None and self._placed_life[seg] == life:
+            self.store.freed(seg)
+            self._placed_life[seg] = 0
+
+    def _new_life(self, seg: int, life: int) -> None:
+        """The first write of a segment the lane opened afresh: place it now."""
+        if self.store is not None:
+            if self._placed_life[seg]:  # its last life's fragments were not given back yet
+                self.store.freed(seg)
+            self._opened(seg)
+        else:
+            self._place(seg)
+        self._placed_life[seg] = life
 
     def _place(self, seg: int) -> None:
         n = len(self.targets)
@@ -239,20 +373,25 @@ class RemoteTier(Tier):
             t.missed[seg] = t.suspect[seg] = False
 
     def _live_mask(self) -> np.ndarray:
-        live = self.space.live > 0
-        if self.space.open_seg is not None:
-            live[self.space.open_seg] = True
-        return live
+        if self.space is None:
+            return np.zeros(self.nseg, bool)
+        return self.space.live_mask()
 
     def _placed_on(self, t: _Target) -> np.ndarray:
         return (self.placement == t.index).any(axis=1)
 
     # ------------------------------------------------------------------ data path
 
-    async def write(self, base: int, data: bytes | memoryview) -> None:
-        seg = base >> self.space.seg_shift
-        if self.placement[seg, 0] < 0:  # a caller that did not go through space.allocate
-            self._place(seg)
+    async def write(self, base: int, data: bytes | memoryview, life: int = 0) -> None:
+        seg = base >> SEG_SHIFT
+        if self._placed_life[seg] != life or (self.store is None and self.placement[seg, 0] < 0):
+            self._new_life(seg, life)
+        if self.store is not None:
+            try:
+                return await self.store.write(base, data, int(self._life[seg]))
+            except TierError:
+                self.errors += 1
+                raise
         sealed = self.sealer.seal(base, data)
         async with self._gate.writing(seg):
             placed = [self.targets[i] for i in self.placement[seg]]
@@ -261,7 +400,7 @@ class RemoteTier(Tier):
                     t.missed[seg] = True
             ok = await self._write_copies([t for t in placed if t.up], base, sealed, seg)
         if not ok:
-            self.counters.errors += 1
+            self.errors += 1
             raise TierError(errno.EIO, f"tier {self.name}: no target took the write at {base}")
         if len(ok) < self.replicas:
             self.degraded_writes += 1
@@ -309,7 +448,13 @@ class RemoteTier(Tier):
         return ok
 
     async def read(self, base: int, length: int) -> bytes:
-        seg = base >> self.space.seg_shift
+        if self.store is not None:
+            try:
+                return await self.store.read(base, length)
+            except TierError:
+                self.errors += 1
+                raise
+        seg = base >> SEG_SHIFT
         start, end = self.sealer.span(base, length)
         snap = self.sealer.snapshot(start, end)
         placed = [self.targets[i] for i in self.placement[seg] if i >= 0]
@@ -334,7 +479,7 @@ class RemoteTier(Tier):
                 bad.missed[seg] = True
                 self._repair_wake.set()
             return bytes(plain[base - start : base - start + length])
-        self.counters.errors += 1
+        self.errors += 1
         raise TierError(errno.EIO, f"tier {self.name}: no readable copy of [{base}, "
                                    f"{base + length}) (segment {seg})")
 
@@ -348,14 +493,18 @@ class RemoteTier(Tier):
         the free list taken before awaiting) can be stale: the segment may have been handed
         out again, and a TRIM must never race a write of new data. The sealing tags are left
         alone: a trimmed block fails authentication anyway, and a writer that reopened the
-        segment may already have sealed into it.
+        segment may already have sealed into it. (Erasure coding trims a segment's fragment
+        slots when it is freed, so there is nothing left to do here.)
         """
-        shift = self.space.seg_shift
+        if self.store is not None:
+            return
+        shift = SEG_SHIFT
+        live = self._live_mask()
         for seg in range(base >> shift, -(-(base + length) >> shift)):
             lo = max(base, seg << shift)
             hi = min(base + length, (seg + 1) << shift)
             async with self._gate.copying(seg):
-                if self.space.live[seg] > 0 or self.space.open_seg == seg:
+                if live[seg]:
                     continue
                 for i in self.placement[seg]:
                     t = self.targets[i] if i >= 0 else None
@@ -370,6 +519,8 @@ class RemoteTier(Tier):
                         t.errors += 1
 
     async def flush(self) -> None:
+        if self.store is not None:
+            await self.store.flush()
         for t in self.targets:
             client = t.client
             if client is not None:
@@ -392,6 +543,8 @@ class RemoteTier(Tier):
         t.warned_degraded = False
         t.lost.set()
         self._repair_wake.set()
+        if self.store is not None:
+            self.store.target_lost(t.index)
         log.warning("tier %s: target %s down: %s", self.name, t.url, why)
         if self._nursery is not None:
             try:
@@ -410,16 +563,30 @@ class RemoteTier(Tier):
         except (NBDClientError, OSError) as e:
             log.debug("tier %s: connecting to %s: %s", self.name, t.url, e)
             return None
-        if client.size < self.need or client.read_only:
+        need = self.need
+        if self.store is not None:
+            if not self.slots_fixed[t.index]:
+                self._export_seen(t.index, client.size)
+            need = self.frag_base[t.index] + int(self.store.placement.capacity[t.index]) * \
+                self.store.g.frag_size
+        if client.size < need or client.read_only:
             log.error("tier %s: %s is read-only or smaller than %d bytes; not using it",
-                      self.name, t.url, self.need)
+                      self.name, t.url, need)
             await client.aclose()
             return None
         return client
 
     def _admit(self, t: _Target, client: NBDClient) -> None:
+        # after an adoption, a target's first connection is a return too: it may have lost
+        # its contents while no process of ours was watching
+        returning = t.ever_connected or self.adopted
         if t.ever_connected:
             t.reconnects += 1
+        if returning and self.store is not None:
+            t.client = client  # up before the store looks: it may queue a rewrite at once
+            self.store.target_returned(t.index)
+            log.info("tier %s: target %s is back; verifying its fragments", self.name, t.url)
+        elif returning:
             # It may be a server that lost everything: verify before trusting its copies.
             t.suspect |= self._placed_on(t) & self._live_mask() & ~t.missed
             log.info("tier %s: target %s is back; verifying %d segment(s), resyncing %d",
@@ -450,7 +617,8 @@ class RemoteTier(Tier):
                 if t.client is not client:
                     break
                 try:  # the cheapest request that proves the server still answers
-                    await client.read(self.origin, 512)
+                    await client.read(self.frag_base[t.index] if self.store else self.origin,
+                                      512)
                 except _LOST as e:
                     self._mark_down(t, client, e)
                 except NBDError:
@@ -482,7 +650,11 @@ class RemoteTier(Tier):
         for t in self.targets:
             nursery.start_soon(self._keep_connected, t, first_done)
         await all_tried.wait()
-        nursery.start_soon(self._repair_loop)
+        if self.store is not None:
+            self.store.move_after = self.rereplicate_after
+            await nursery.start(self.store.run)
+        else:
+            nursery.start_soon(self._repair_loop)
         task_status.started()
 
     # ------------------------------------------------------------------ repair
@@ -560,10 +732,10 @@ class RemoteTier(Tier):
     async def _verify(self, seg: int, t: _Target) -> bool:
         """Does the target still hold what we wrote? Check the first and last sealed block."""
         life = self._life[seg]
-        start = seg << self.space.seg_shift
+        start = seg << SEG_SHIFT
         last = self.sealer.last_sealed(start, start + SEG_SIZE)
         good = True
-        for off in sorted({start, last} - {None}):
+        for off in sorted(o for o in (start, last) if o is not None):
             if not self.sealer.is_sealed(off):
                 continue
             snap = self.sealer.snapshot(off, off + BLOCK)
@@ -582,7 +754,7 @@ class RemoteTier(Tier):
 
     async def _copy(self, seg: int, dst: _Target, moving_from: _Target | None) -> bool:
         """Copy a segment's sealed bytes from a good replica to `dst` (as ciphertext)."""
-        start = seg << self.space.seg_shift
+        start = seg << SEG_SHIFT
         async with self._gate.copying(seg):
             life = self._life[seg]
             src = self._source(seg, dst)
@@ -593,6 +765,7 @@ class RemoteTier(Tier):
                 buf = bytearray(last + BLOCK - start)
                 if not await self._read_one(src, self.origin + start, buf):
                     return False
+                await self.repair_rate.take(len(buf))
                 if not await self._write_one(dst, self.origin + start, memoryview(buf), seg):
                     return False
             if self._life[seg] != life:
@@ -620,16 +793,26 @@ class RemoteTier(Tier):
             await client.aclose()
 
     def extra_statistics(self) -> dict[str, object]:
+        if self.store is not None:
+            return {"targets": [{"url": t.url, "up": t.up, "errors": t.errors,
+                                 "reconnects": t.reconnects, **ts}
+                                for t, ts in zip(self.targets, self.store.target_statistics(),
+                                                 strict=True)],
+                    **self.store.statistics()}
         live = self._live_mask()
         targets = []
         degraded = np.zeros_like(live)
+        held = self.sealer.sealed_bytes(SEG_SIZE)
         for t in self.targets:
             placed = self._placed_on(t) & live
             behind = placed & (t.missed | t.suspect)
             degraded |= behind if t.up else placed
+            pending = int(np.count_nonzero(behind))
             targets.append({"url": t.url, "up": t.up, "errors": t.errors,
-                            "reconnects": t.reconnects,
-                            "resync_pending": int(np.count_nonzero(behind))})
+                            "reconnects": t.reconnects, "resync_pending": pending,
+                            "rebuild_backlog": pending if t.up else int(placed.sum()),
+                            "fragments": int(placed.sum()),
+                            "bytes": int(held[placed & ~t.missed].sum())})
         return {
             "targets": targets,
             "replicas": self.replicas,
