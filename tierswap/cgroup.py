@@ -304,7 +304,8 @@ def run_in_cgroup(
     if not os.access(procs, os.W_OK):
         raise CgroupError(f"cannot write {procs}: not writable (needs root?)")
     script = f'echo $$ > {shlex.quote(str(procs))} && exec "$@"'
-    return subprocess.Popen(["/bin/sh", "-c", script, "sh", *map(os.fspath, argv)], **popen_kwargs)
+    args = [os.fspath(a) for a in argv]
+    return subprocess.Popen(["/bin/sh", "-c", script, "sh", *args], **popen_kwargs)
 
 
 DAEMON_GROUP = "tierswap"

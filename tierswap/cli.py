@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -13,15 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tierswap import system
-from tierswap.config import ConfigError, format_size, load_config, parse_size
-from tierswap.control import ControlError, call
+from tierswap import commands
+from tierswap.config import format_size, load_config, make_private_dir, parse_size
+from tierswap.control import call
+from tierswap.errors import ConfigError, ControlError, TierswapError
+from tierswap.layout import Layout
 
 UP_TIMEOUT = 180.0
 PING_TIMEOUT = 5.0
 
 
-class UsageError(Exception):
+class UsageError(TierswapError):
     pass
 
 
@@ -46,31 +49,36 @@ def _log_tail(path: Path, n: int = 1) -> str:
 
 
 def cmd_up(args) -> int:
-    config = _config(args)
-    from tierswap.supervisor import StartError, supervise
+    from tierswap.supervisor import supervise
 
     if args.foreground:
         fd = os.environ.pop("TIERSWAP_READY_FD", None)
+        ready_fd = int(fd) if fd else None
+        try:
+            config = _config(args)
+        except ConfigError as e:  # whoever waits on the ready pipe gets the one line too
+            if ready_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(ready_fd, f"ERROR config error: {e}\n".encode())
+            raise
         from tierswap.logs import setup_logging
 
         setup_logging()
-        try:
-            return supervise(config, args.config, int(fd) if fd else None)
-        except StartError as e:
-            raise CliError(str(e)) from None
+        return supervise(config, args.config, ready_fd)  # StartError: one line
+    config = _config(args)
     if os.geteuid() != 0:
         raise CliError("must run as root (swapon, losetup and FUSE mounts need it)")
-    config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    logfile = config.run_dir / "tierswap.log"
+    make_private_dir(config.run_dir)
+    logfile = Layout.of(config).log_file
     r, w = os.pipe()
     argv = [sys.executable, "-m", "tierswap", "up", "--foreground"]
     if args.config:
         argv += ["--config", str(Path(args.config).resolve())]
-    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     env = dict(os.environ, TIERSWAP_READY_FD=str(w))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
-                            pass_fds=(w,), start_new_session=True)
-    os.close(fd)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                            env=env, pass_fds=(w,), start_new_session=True)
+    os.close(log_fd)
     os.close(w)
     with os.fdopen(r) as f:
         line = f.readline().strip()  # EOF when the child dies without a word
@@ -88,57 +96,116 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     config = _config(args)
-    from tierswap.supervisor import force_cleanup, running_pid, stale_state
+    from tierswap.cleanup import config_path, force_cleanup, running_supervisor, stale_state
+    from tierswap.procs import Pidfd
 
-    pid = running_pid(config)
-    if pid is not None:
-        try:
-            # a supervisor that does not even answer a ping is wedged: no point waiting on it
-            call(config.control_socket, {"cmd": "ping"}, timeout=PING_TIMEOUT)
-            call(config.control_socket, {"cmd": "down"}, timeout=args.timeout)
-        except ControlError as e:
-            if "swapoff failed" in str(e):
-                raise CliError(str(e)) from None
-            if not args.force:
-                raise CliError(f"{e}; the supervisor (pid {pid}) does not answer: "
-                               "use 'tierswap down --force'") from None
-            os.kill(pid, signal.SIGKILL)
-        # swapoff pulls every page back: give it the time it needs
-        system.wait_for(lambda: not system.pid_alive(pid), timeout=args.timeout, interval=0.1)
-        if system.pid_alive(pid):
-            raise CliError(f"still stopping after {args.timeout:.0f}s (pid {pid})")
+    ident = running_supervisor(config)
+    # pinned: whatever happens to the pid meanwhile, a signal reaches this process or nobody
+    sup = Pidfd.open(ident, config_path=config_path(config)) if ident is not None else None
+    if sup is not None:
+        with sup:
+            pid = sup.ident.pid
+            try:
+                # a supervisor that does not even answer a ping is wedged: no point waiting
+                sock = Layout.of(config).control_socket
+                call(sock, commands.Ping().to_wire(), timeout=PING_TIMEOUT)
+                call(sock, commands.Down().to_wire(), timeout=args.timeout)
+            except ControlError as e:
+                if "swapoff failed" in str(e):
+                    raise CliError(str(e)) from None
+                if not args.force:
+                    raise CliError(f"{e}; the supervisor (pid {pid}) does not answer: "
+                                   "use 'tierswap down --force'") from None
+                sup.send_signal(signal.SIGKILL)
+            # swapoff pulls every page back: give it the time it needs
+            if not sup.wait(args.timeout):
+                raise CliError(f"still stopping after {args.timeout:.0f}s (pid {pid})")
     left = stale_state(config)
-    if left:
-        if not args.force:
-            raise CliError("left by a crashed run: " + "; ".join(left)
-                           + " (use 'tierswap down --force')")
+    if left and not args.force:
+        raise CliError("left by a crashed run: " + "; ".join(left)
+                       + " (use 'tierswap down --force')")
+    if args.force:  # also removes stale state and pid files when nothing else is left
         for line in force_cleanup(config):
             print(line)
         left = stale_state(config)
         if left:
             raise CliError("could not clear: " + "; ".join(left))
-    if pid is None and not args.quiet:
+    if sup is None and not args.quiet:
         print("tierswap is not running")
     return 0
 
 
-def _request(args, req: dict[str, Any], timeout: float | None = 60.0, on_progress=None) -> Any:
+def _request(args, req: commands.Request, timeout: float | None = 60.0, on_progress=None) -> Any:
     config = _config(args)
     try:
-        return call(config.control_socket, req, timeout=timeout, on_progress=on_progress)
+        return call(Layout.of(config).control_socket, req.to_wire(), timeout=timeout,
+                    on_progress=on_progress)
     except ControlError as e:
         raise CliError(str(e)) from None
 
 
-def cmd_status(args) -> int:
-    st = _request(args, {"cmd": "status"})
-    if args.json:
-        print(json.dumps(st, indent=2))
-    else:
-        from tierswap.status import render_table
-
-        print(render_table(st))
+def _show(args, req: commands.Request, res: Any) -> int:
+    """Print a result (JSON with --json); a shard's failure is the one line on stderr."""
+    print(json.dumps(res, indent=2) if getattr(args, "json", False) else req.render(res))
+    failed = commands.failures(res)
+    if failed:
+        raise CliError("; ".join(failed))
     return 0
+
+
+def cmd_status(args) -> int:
+    req = commands.Status()
+    res = _request(args, req)
+    print(json.dumps(res, indent=2) if args.json else req.render(res))
+    return 0  # a shard that does not answer is shown in the status, not an error of it
+
+
+def cmd_restart(args) -> int:
+    """Hand every process over to the code installed now, swap staying on: wait until the new
+    supervisor answers and every shard it took over runs in a new process and serves."""
+    before = _request(args, commands.Status())
+    old = {s["index"]: s.get("pid") for s in before.get("shards", [])}
+    # The running daemon may be older than this command (an upgrade): name a config only when
+    # it is another file than the one it runs on, so that the plain request stays the same.
+    new = str(Path(args.config).resolve()) if args.config else None
+    if new is not None and new == _running_config(args):
+        new = None
+    req = commands.Restart(config=new)
+    res = _request(args, req, timeout=args.timeout)
+    print(req.render(res))
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            st = _request(args, commands.Status(), timeout=5.0)
+        except CliError as e:
+            last = str(e)
+            continue
+        if st.get("supervisor", {}).get("pid") != res.get("supervisor"):
+            last = "the old supervisor still answers"
+            continue
+        shards = st.get("shards", [])
+        waiting = [s for s in shards
+                   if s.get("state") != "serving" or s.get("pid") == old.get(s["index"])]
+        failed = [s for s in shards if s.get("state") == "failed"]
+        if failed:
+            raise CliError("restart: shard(s) " + ", ".join(str(s["index"]) for s in failed)
+                           + " failed to come back: " + (failed[0].get("reason") or "?"))
+        if not waiting:
+            shard_pids = " ".join(str(s.get("pid")) for s in shards)
+            print(f"restarted: supervisor pid {res.get('supervisor')}, shard pids {shard_pids}; "
+                  "swap stayed on")
+            return 0
+        last = "shard(s) " + ", ".join(str(s["index"]) for s in waiting) + " not replaced yet"
+    raise CliError(f"restart: not finished after {args.timeout:.0f}s: {last}")
+
+
+def _running_config(args) -> str | None:
+    from tierswap.cleanup import read_state
+
+    st = read_state(_config(args))
+    return st.get("config") if isinstance(st.get("config"), str) else None
 
 
 def cmd_check_config(args) -> int:
@@ -149,39 +216,37 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    res = _request(args, {"cmd": "inspect"})
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        from tierswap.policy import render_inspect
-
-        print(render_inspect(res))
-    return 0
+    req = commands.Inspect()
+    return _show(args, req, _request(args, req))
 
 
 def cmd_migrate(args) -> int:
-    req: dict[str, Any] = {"cmd": "migrate", "from": args.src, "to": args.dst}
-    if args.all:
-        req["all"] = True
-    elif args.pages is not None:
+    pages = nbytes = None
+    if args.pages is not None:
         if args.pages <= 0:
             raise UsageError("--pages must be positive")
-        req["pages"] = args.pages
-    else:
+        pages = args.pages
+    elif not args.all:
         try:
-            req["bytes"] = parse_size(args.bytes, "--bytes")
+            nbytes = parse_size(args.bytes, "--bytes")
         except ConfigError as e:
             raise UsageError(str(e)) from None
-    if args.idle_for is not None:
-        req["idle_for"] = args.idle_for
-    return _run_move(args, req, f"{args.src} -> {args.dst}")
+    if args.idle_for is not None and args.idle_for < 0:
+        raise UsageError("--idle-for must be >= 0")
+    try:
+        req = commands.Migrate(src=args.src, dst=args.dst, pages=pages, bytes=nbytes,
+                               all=args.all, idle_for=args.idle_for or 0.0)
+    except ControlError as e:
+        raise UsageError(str(e).removeprefix("migrate: ")) from None
+    return _run_move(args, req)
 
 
-def _run_move(args, req: dict[str, Any], label: str) -> int:
+def _run_move(args, req: commands.Request) -> int:
     t0 = time.monotonic()
     if sys.stdout.isatty():
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+        label = req.cmd
         columns = (TextColumn(label), BarColumn(),
                    TextColumn("{task.completed}/{task.total} pages"), TimeRemainingColumn())
         with Progress(*columns, transient=True) as bar:
@@ -194,26 +259,27 @@ def _run_move(args, req: dict[str, Any], label: str) -> int:
     else:
         res = _request(args, req, timeout=None)
     dt = time.monotonic() - t0
-    mb = res.get("bytes", 0) / 1e6
-    print(f"moved {res.get('pages', 0)} pages ({format_size(res.get('bytes', 0))} stored) "
-          f"{label} in {dt:.1f}s ({mb / dt if dt > 0 else 0:.1f} MB/s)")
+    nbytes = res.get("bytes", 0)
+    print(f"{req.render(res)} in {dt:.1f}s ({nbytes / 1e6 / dt if dt > 0 else 0:.1f} MB/s)")
+    failed = commands.failures(res)
+    if failed:
+        raise CliError("; ".join(failed))
     return 0
 
 
 def cmd_drain(args) -> int:
-    return _run_move(args, {"cmd": "drain", "tier": args.tier}, f"draining {args.tier}")
+    req = commands.Drain(tier=args.tier)
+    return _run_move(args, req)
 
 
 def cmd_undrain(args) -> int:
-    _request(args, {"cmd": "undrain", "tier": args.tier})
-    print(f"{args.tier}: accepting pages again")
-    return 0
+    req = commands.Undrain(tier=args.tier)
+    return _show(args, req, _request(args, req))
 
 
 def cmd_compact(args) -> int:
-    res = _request(args, {"cmd": "compact", "tier": args.tier}, timeout=None)
-    print(f"{args.tier}: moved {res['pages']} pages, released {format_size(res['released_bytes'])}")
-    return 0
+    req = commands.Compact(tier=args.tier)
+    return _show(args, req, _request(args, req, timeout=None))
 
 
 def cmd_policy(args) -> int:
@@ -223,19 +289,14 @@ def cmd_policy(args) -> int:
         if not sep or not key:
             raise UsageError(f"expected KEY=VALUE, got {kv!r}")
         updates[key] = value
-    res = _request(args, {"cmd": "policy", "set": updates})
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        for k, v in res.items():
-            print(f"{k} = {v}")
-    return 0
+    req = commands.SetPolicy(updates=updates)
+    return _show(args, req, _request(args, req))
 
 
 # ---------------------------------------------------------------------------- parser
 
 
-class CliError(Exception):
+class CliError(TierswapError):
     pass
 
 
@@ -256,6 +317,9 @@ def build_parser() -> Parser:
     sp.add_argument("--force", action="store_true", help="also clear what a crashed run left")
     sp.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for swapoff")
     sp.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    sp = add("restart", cmd_restart, "replace every daemon process with the installed code; "
+             "swap stays on")
+    sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it")
     sp = add("status", cmd_status, "show the device, its tiers and counters")
     sp.add_argument("--json", action="store_true")
     add("check-config", cmd_check_config, "validate the configuration without starting anything")
@@ -292,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tierswap: config error: {e}", file=sys.stderr)
         return 2
-    except (CliError, ControlError, system.SystemError_) as e:
+    except TierswapError as e:
         print(f"tierswap: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

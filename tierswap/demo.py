@@ -19,6 +19,7 @@ from pathlib import Path
 from tierswap.cgroup import CgroupError, MemoryCgroup, run_in_cgroup
 from tierswap.config import ConfigError, format_size, load_config
 from tierswap.control import ControlError, call
+from tierswap.layout import Layout
 from tierswap.status import render_table
 from tierswap.workload import parse_size
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)
             print(f"filled; {format_size(cg.swap_bytes())} of it is swapped out. Daemon status:")
             try:
-                print(render_table(call(config.control_socket, {"cmd": "status"})))
+                print(render_table(call(Layout.of(config).control_socket, {"cmd": "status"})))
             except ControlError as e:
                 print(f"(tierswap status unavailable: {e})")
             hold.unlink(missing_ok=True)

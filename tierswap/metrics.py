@@ -41,7 +41,7 @@ MAX_CONNECTIONS = 4  # served at once; more wait in the listen backlog
 LINGER_TIMEOUT = 1.0  # seconds to wait for the client to close after the response
 
 Labels = Mapping[str, str]
-Sample = tuple[Labels, float | int | bool]
+Sample = tuple[Labels, Any]  # values that are not numbers are skipped (_number)
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -121,6 +121,8 @@ _TIER_GAUGES = (
      "File tier: bytes the tier file occupies on disk."),
     ("degraded_segments", "degraded_segments",
      "Remote tier: live segments with fewer up-to-date copies than configured."),
+    ("unreadable_segments", "unreadable_segments",
+     "Remote tier, erasure coded: live segments with fewer than K fragments reachable."),
 )
 
 # per-tier counters: (key in tier["counters"] or in the tier, metric suffix, help)
@@ -148,6 +150,30 @@ _TIER_EXTRA_COUNTERS = (
      "Remote tier: segments copied to a target that had missed them."),
     ("rereplicated_segments", "rereplicated_segments_total",
      "Remote tier: segments copied to another target because one stayed down."),
+    ("degraded_reads", "degraded_reads_total",
+     "Remote tier, erasure coded: reads served by decoding from other fragments."),
+    ("rebuilt_fragments", "rebuilt_fragments_total",
+     "Remote tier, erasure coded: fragments rebuilt (in place or on another target)."),
+    ("moved_fragments", "moved_fragments_total",
+     "Remote tier, erasure coded: fragments rebuilt on another target because one stayed "
+     "down."),
+)
+
+# per remote target: (key in a tier's "targets" entries, metric suffix, kind, help)
+_TARGET_SERIES = (
+    ("up", "up", "gauge", "Remote tier: 1 while the target is connected (in every shard)."),
+    ("bytes", "bytes", "gauge",
+     "Remote tier: bytes of sealed copies or fragments the target holds for live segments."),
+    ("fragments", "fragments", "gauge",
+     "Remote tier: live segment copies (replicas) or fragments (erasure) placed on the "
+     "target."),
+    ("rebuild_backlog", "rebuild_backlog", "gauge",
+     "Remote tier: copies or fragments on the target still to rebuild or verify (all of "
+     "them while it is down)."),
+    ("free_slots", "free_slots", "gauge",
+     "Remote tier, erasure coded: fragment slots still free on the target (the balance)."),
+    ("errors", "errors_total", "counter", "Remote tier: failed requests to the target."),
+    ("reconnects", "reconnects_total", "counter", "Remote tier: reconnections to the target."),
 )
 
 # device I/O counters: (key in status["io"], metric, help)
@@ -171,11 +197,27 @@ def render(status: Mapping[str, Any]) -> str:
                [({}, bool(status.get("active")))])
     out.family("tierswap_size_bytes", g, "Virtual size of the swap device(s) the kernel sees.",
                [({}, status.get("size_bytes"))])
-    out.family("tierswap_shards", g, "Shard worker processes (one loop device each).",
-               [({}, status.get("shards"))])
+    shards = [(str(s.get("index", k)), s) for k, s in enumerate(status.get("shards") or [])
+              if isinstance(s, Mapping)]
+    if "shards" in status:
+        out.family("tierswap_shards", g, "Shard worker processes (one loop device each).",
+                   [({}, len(shards))])
+    out.family("tierswap_status_partial", g,
+               "1 while a shard's report is missing from the sums (tierswap_shard_reporting).",
+               [({}, status["partial"])] if "partial" in status else [])
     out.family("tierswap_device_info", g, "The loop device of each shard (value always 1).",
-               [({"device": d, "shard": str(k)}, 1)
-                for k, d in enumerate(status.get("devices", []))])
+               [({"device": str(s["device"]), "shard": k}, 1) for k, s in shards
+                if s.get("device")])
+    out.family("tierswap_shard_state", g,
+               "1 for the state each shard is in (serving, restarting, failed, starting).",
+               [({"shard": k, "state": st}, s.get("state") == st) for k, s in shards
+                for st in ("serving", "restarting", "failed", "starting")])
+    out.family("tierswap_shard_reporting", g,
+               "1 when the shard answered the last status request (its counters are summed).",
+               [({"shard": k}, bool(s.get("reporting"))) for k, s in shards])
+    out.family("tierswap_shard_restarts_total", c,
+               "Times the shard's process was replaced after it died.",
+               [({"shard": k}, s.get("restarts")) for k, s in shards])
     out.family("tierswap_swap_used_bytes", g,
                "Swap in use on tierswap's devices, as /proc/swaps reports it.",
                [({}, status.get("swap_used_bytes"))])
@@ -211,7 +253,22 @@ def render(status: Mapping[str, Any]) -> str:
         out.family(f"tierswap_tier_{suffix}", c, help_text,
                    [(lab, t.get(key)) for lab, t in zip(labels, tiers, strict=True)])
 
-    shards = list(enumerate(status.get("hardening", [])))
+    per_target = [({**lab, "target": str(tg.get("url", ""))}, tg)
+                  for lab, t in zip(labels, tiers, strict=True)
+                  for tg in t.get("targets", []) if isinstance(tg, dict)]
+    for key, suffix, kind, help_text in _TARGET_SERIES:
+        out.family(f"tierswap_remote_target_{suffix}", kind, help_text,
+                   [(lab, tg.get(key)) for lab, tg in per_target])
+
+    procs = [(f"shard{k}", s.get("tasks")) for k, s in shards]
+    procs.append(("supervisor", (status.get("supervisor") or {}).get("tasks")))
+    out.family("tierswap_task_failures_total", c,
+               "Times a background task (policy, control server, growth, repair, FUSE loop, "
+               "watchdog, ...) failed and was restarted.",
+               [({"process": proc, "task": name}, h.get("failures"))
+                for proc, tasks in procs if isinstance(tasks, Mapping)
+                for name, h in tasks.items() if isinstance(h, Mapping)])
+    hard = [(k, s["hardening"]) for k, s in shards if isinstance(s.get("hardening"), Mapping)]
     for key, name, help_text in (
         ("VmRSS", "tierswap_shard_resident_bytes", "Resident memory of the shard process."),
         ("VmLck", "tierswap_shard_locked_bytes",
@@ -219,7 +276,7 @@ def render(status: Mapping[str, Any]) -> str:
         ("oom_score_adj", "tierswap_shard_oom_score_adj",
          "oom_score_adj of the shard process (-1000: never chosen by the OOM killer)."),
     ):
-        out.family(name, g, help_text, [({"shard": str(k)}, h.get(key)) for k, h in shards])
+        out.family(name, g, help_text, [({"shard": k}, h.get(key)) for k, h in hard])
     return out.text()
 
 

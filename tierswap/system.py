@@ -1,7 +1,7 @@
 """The kernel side: loop devices, mkswap, swapon/swapoff, FUSE mounts and their cleanup.
 
 Everything shells out to util-linux, as an operator would, with a timeout, and turns failures
-into `SystemError_` with one line of text. Teardown functions never raise for "already gone".
+into `CommandError` with one line of text. Teardown functions never raise for "already gone".
 """
 
 from __future__ import annotations
@@ -13,21 +13,19 @@ import subprocess
 import time
 from pathlib import Path
 
-
-class SystemError_(Exception):
-    """A system command failed; the text is one line for the operator."""
+from tierswap.errors import CommandError
 
 
 def run(argv: list[str], timeout: float = 60.0, check: bool = True) -> str:
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
-        raise SystemError_(f"{argv[0]}: command not found") from None
+        raise CommandError(f"{argv[0]}: command not found") from None
     except subprocess.TimeoutExpired:
-        raise SystemError_(f"{' '.join(argv)}: timed out after {timeout:.0f}s") from None
+        raise CommandError(f"{' '.join(argv)}: timed out after {timeout:.0f}s") from None
     if check and p.returncode != 0:
         err = (p.stderr or p.stdout).strip().splitlines()
-        raise SystemError_(f"{' '.join(argv)}: {err[-1] if err else f'exit {p.returncode}'}")
+        raise CommandError(f"{' '.join(argv)}: {err[-1] if err else f'exit {p.returncode}'}")
     return p.stdout
 
 
@@ -49,7 +47,7 @@ def loop_list() -> list[dict[str, str]]:
         out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,BACK-MAJ:MIN"],
                   check=False)
         return json.loads(out).get("loopdevices", []) if out.strip() else []
-    except (SystemError_, ValueError):
+    except (CommandError, ValueError):
         return []
 
 
@@ -117,6 +115,18 @@ def fuse_mounts_under(prefix: Path) -> list[str]:
     return out
 
 
+def mount_device(mountpoint: str) -> str | None:
+    """The major:minor of the file system mounted at `mountpoint` (from mountinfo, so no
+    request reaches that file system)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                found = fields[2]  # the last one is on top
+    return found
+
+
 def fuse_connection(mountpoint: str) -> str | None:
     """The /sys/fs/fuse/connections entry of a mount (its device number)."""
     with open("/proc/self/mountinfo") as f:
@@ -163,30 +173,6 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
-
-
-def daemon_pids(config_path: str | None) -> list[int]:
-    """Supervisor and shard processes started with this config (by their command line): the
-    fallback when a crash left no state file to say which processes were ours."""
-    want = os.path.realpath(config_path) if config_path else None
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) in (os.getpid(), os.getppid()):
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv if a]
-        shard = "tierswap.daemon" in args
-        supervisor = "up" in args and "--foreground" in args and (
-            "tierswap" in args or any(a.endswith("/tierswap") for a in args))
-        if not (shard or supervisor):
-            continue  # other CLI commands (our own caller among them) are not daemons
-        cfg = args[args.index("--config") + 1] if "--config" in args[:-1] else None
-        if (os.path.realpath(cfg) if cfg else None) == want:
-            out.append(int(d.name))
-    return out
 
 
 def pid_alive(pid: int) -> bool:

@@ -63,6 +63,7 @@ TARGETS = {  # metric -> (comparison, threshold, description)
     "p50": ("<=", 40.0, "4 KiB QD1 read p50 in µs (absolute)"),
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+TS_COMPRESSION = os.environ.get("BENCH_TS_COMPRESSION", "zstd:1")
 
 
 class BenchError(RuntimeError):
@@ -607,7 +608,7 @@ class Tierswap(Backend):
             f'[daemon]\nstate_dir = "{self.tmp / "state"}"\nrun_dir = "{self.tmp / "run"}"\n\n'
             f'[device]\nsize = {self.dev_size}\npriority = {PRIORITY}\nshards = {self.shards}\n\n'
             f'[[tier]]\nname = "ram"\nkind = "memory"\ncapacity = {self.mem_cap}\n'
-            f'compression = "zstd:1"\n\n'
+            f'compression = "{TS_COMPRESSION}"\n\n'
             f'[[tier]]\nname = "disk"\nkind = "file"\n'
             f'path = "{self.tier_dir / "disk.tier"}"\ncapacity = {self.file_cap}\n'
             f'compression = "zstd:1"\n'

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tierswap import config as C
 from tierswap.config import ConfigError, format_size, load_config, parse_config, parse_size
+from tierswap.layout import Layout
 
 GIB = 1 << 30
 REAL_FS_FREE = C.fs_free
@@ -49,7 +50,8 @@ def reject(text: str, *needles: str, check_fs: bool = False) -> str:
     for n in needles:
         assert n in msg, f"{n!r} not in {msg!r}"
     assert "\n" not in msg, "a config error must print as one line"
-    return msg
+    assert msg.startswith("t.toml: "), "a config error names the file"
+    return msg.removeprefix("t.toml: ")
 
 
 # ------------------------------------------------------------------------ sizes
@@ -121,7 +123,7 @@ def test_good_config(tmp_path: Path) -> None:
     assert (disk.kind, disk.capacity, disk.path) == ("file", 16 << 20, tmp_path / "disk.tier")
     assert str(disk.compression) == "zstd:1"
     assert cfg.state_dir == tmp_path / "state" and cfg.run_dir == tmp_path / "run"
-    assert cfg.control_socket == tmp_path / "run" / "control.sock"
+    assert Layout.of(cfg).control_socket == tmp_path / "run" / "control.sock"
     assert cfg.tier("disk") is disk
     with pytest.raises(KeyError):
         cfg.tier("nope")
@@ -227,7 +229,7 @@ def test_two_file_tiers_one_path(tmp_path: Path) -> None:
         f'[[tier]]\nname = "a"\nkind = "file"\ncapacity = "8M"\npath = "{tmp_path}/f"\n'
         f'[[tier]]\nname = "b"\nkind = "file"\ncapacity = "8M"\npath = "{tmp_path}/f"\n'
     )
-    reject(make(tmp_path, tiers=tiers), "tier:", "path")
+    reject(make(tmp_path, tiers=tiers), "tier[1].path:", "also tier[0]'s file")
 
 
 @pytest.mark.parametrize("name", ["Fast", "1st", "has space", "x" * 33, ""])
@@ -253,9 +255,10 @@ def test_file_tier_larger_than_free_room(tmp_path: Path, monkeypatch: pytest.Mon
 def test_file_tier_existing_file_counts_as_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tierswap.tiers.file import prepare_file
+
     path = tmp_path / "disk.tier"
-    with open(path, "wb") as f:
-        f.truncate(64 << 20)
+    prepare_file(path, 64 << 20)
     monkeypatch.setattr(C, "fs_free", lambda p: 8 << 20)
     tiers = f'[[tier]]\nkind = "file"\ncapacity = "64M"\npath = "{path}"\n'
     assert parse_config(make(tmp_path, tiers=tiers), check_fs=True).tiers[0].capacity == 64 << 20
@@ -296,7 +299,8 @@ def test_tier_too_small_for_shards(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("comp", "needle"),
     [
-        ('"lz4"', "unknown compression"),
+        ('"lz5"', "unknown compression"),
+        ('"lz4:0"', "acceleration"),
         ('"zstd:fast"', "bad zstd level"),
         ('"zstd:20"', "-7..19"),
         ('"zstd:-8"', "-7..19"),
@@ -434,3 +438,27 @@ def test_load_config_errors(tmp_path: Path) -> None:
     bad.write_text("[device\n")
     with pytest.raises(ConfigError, match=rf"^{bad}: not valid TOML"):
         load_config(bad)
+
+
+def _remote(extra: str, n: int = 6) -> str:
+    urls = ", ".join(f'"nbd://h{i}/x"' for i in range(n))
+    return f'[[tier]]\nkind = "remote"\ncapacity = "64M"\ntargets = [{urls}]\n{extra}'
+
+
+def test_remote_erasure_and_repair_rate(tmp_path: Path) -> None:
+    cfg = parse_config(make(tmp_path, tiers=_remote('erasure = " 4 + 2 "\nrepair_rate = "16M"\n')),
+                       check_fs=False)
+    t = cfg.tiers[0]
+    assert t.erasure == (4, 2) and t.replicas == 1 and t.repair_rate == 16 << 20
+    assert parse_config(make(tmp_path, tiers=_remote("replicas = 2\n")),
+                        check_fs=False).tiers[0].erasure is None
+    assert parse_config(make(tmp_path, tiers=_remote("")), check_fs=False).tiers[0] \
+        .repair_rate == 64 << 20
+    reject(make(tmp_path, tiers=_remote('erasure = "4+2"\nreplicas = 2\n')),
+           "tier[0].erasure:", "exclusive with replicas")
+    reject(make(tmp_path, tiers=_remote('erasure = "4+3"\n')), "tier[0].erasure:", "7 targets")
+    for bad in ('"4"', '"4+0"', '"0+2"', "6", '"a+b"', '"65+1"'):
+        reject(make(tmp_path, tiers=_remote(f"erasure = {bad}\n", n=70)), "tier[0].erasure:")
+    reject(make(tmp_path, tiers=_remote('repair_rate = "fast"\n')), "tier[0].repair_rate:")
+    reject(make(tmp_path, tiers='[[tier]]\nkind = "memory"\ncapacity = "8M"\nerasure = "1+1"\n'),
+           "tier[0].erasure: unknown key")

@@ -45,6 +45,7 @@ def logging_to(f, monkeypatch, level: str | None = None, *, times: int = 1):
             logs.setup_logging(level)
         yield
     finally:
+        logs.shutdown_logging()
         root.handlers[:] = handlers
         root.setLevel(old_level)
 
@@ -56,6 +57,7 @@ def _emit(f, path: Path) -> list[str]:
     log.warning("warning line")
     log.error("error line")
     log.critical("critical line")
+    assert logs.flush()
     f.flush()
     return path.read_text().splitlines()
 
@@ -108,3 +110,66 @@ def test_empty_journal_stream_means_no_journal(stderr_file, monkeypatch):
     with logging_to(f, monkeypatch):
         lines = _emit(f, path)
     assert lines and not any(ln.startswith("<") for ln in lines)
+
+
+def test_a_stalled_stderr_never_blocks_the_caller(monkeypatch):
+    """stderr is a pipe nobody reads (journald stalled): logging must return at once, drop and
+    count, and say how much it dropped once the output moves again."""
+    import threading
+    import time
+
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    r, w = os.pipe()
+    wf = open(w, "w", buffering=1)  # noqa: SIM115 - closed below
+    log = logging.getLogger("tierswap.test.stall")
+    worst = [0.0]
+
+    def spam() -> None:
+        for i in range(20_000):  # ~5 MB: far more than the pipe (64 KiB) and the queue hold
+            t = time.monotonic()
+            log.warning("line %d %s", i, "x" * 200)
+            worst[0] = max(worst[0], time.monotonic() - t)
+
+    got: list[bytes] = []
+    reported = threading.Event()
+
+    def drain() -> None:  # until EOF: the writer must never be left blocked on the pipe
+        while chunk := os.read(r, 1 << 16):
+            got.append(chunk)
+            if b"dropped" in b"".join(got[-2:]):
+                reported.set()
+
+    with logging_to(wf, monkeypatch):
+        before = logs.dropped()
+        caller = threading.Thread(target=spam, daemon=True)
+        caller.start()
+        caller.join(30)
+        blocked = caller.is_alive()
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()  # unblock the writer in every case, so the test cannot hang
+        assert not blocked, "a log call blocked on the stalled stderr"
+        assert worst[0] < 0.5, f"a log call took {worst[0]:.3f}s"
+        lost = logs.dropped() - before
+        assert lost > 10_000
+        assert reported.wait(30), b"".join(got)[-300:]
+        text = b"".join(got).decode()
+        assert re.search(r"log output stalled: \d+ log line\(s\) dropped", text)
+    wf.close()
+    reader.join(10)
+    os.close(r)
+
+
+def test_drop_count_is_in_the_status_record(monkeypatch):
+    """Each shard reports `log_dropped` in its stats; status adds them and the supervisor's."""
+    from tests.unit.test_metrics import CONFIG, shard_report
+    from tierswap import system
+    from tierswap.commands import ShardReply
+    from tierswap.config import parse_config
+    from tierswap.status import combine_status
+
+    monkeypatch.setattr(system, "active_swaps", lambda: {})
+    monkeypatch.setattr(logs, "dropped", lambda: 1)
+    shards = [ShardReply(0, shard_report(0) | {"log_dropped": 3}),
+              ShardReply(1, shard_report(1) | {"log_dropped": 5})]
+    st = combine_status(parse_config(CONFIG, check_fs=False), [], shards, active=True)
+    assert st["log_dropped"] == 9

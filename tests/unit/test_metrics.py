@@ -21,11 +21,14 @@ import pytest
 import trio
 
 from tierswap import metrics, system
+from tierswap.commands import ShardReply
 from tierswap.config import PAGE_SIZE, parse_config
 from tierswap.control import ControlError
-from tierswap.device import DeviceStatistics
+from tierswap.kit import Kit
+from tierswap.lane import LaneStatistics
+from tierswap.shard import Shard
 from tierswap.status import combine_status
-from tierswap.tiers.base import TierCounters, TierStatistics
+from tierswap.tiers.base import TierStatistics
 
 MiB = 1 << 20
 
@@ -59,40 +62,56 @@ replicas = 2
 # ---------------------------------------------------------------------------- fixtures
 
 
-def _tier(name: str, kind: str, k: int, extra: dict[str, object]) -> dict[str, Any]:
-    counters = TierCounters(pages_in=100 + k, pages_out=50 + k, promotions=3, demotions=4 + k,
-                            bytes_moved=8192 * (k + 1), errors=k)
-    st = TierStatistics(
-        name=name, kind=kind, pages=1000 * (k + 1), zero_pages=10, stored_bytes=MiB * (k + 1),
-        capacity_bytes=128 * MiB, available_bytes=64 * MiB, free_bytes=60 * MiB, segments=64,
-        free_segments=60, largest_free_extent=(k + 2) * MiB, free_extents=2, draining=k == 1,
-        counters=dataclasses.asdict(counters), extra=extra,
+def _tier(name: str, kind: str, k: int, extra: dict[str, object]) -> TierStatistics:
+    return TierStatistics(
+        name=name, kind=kind, compression="zstd:1", pages=1000 * (k + 1), zero_pages=10,
+        stored_bytes=MiB * (k + 1), capacity_bytes=128 * MiB, available_bytes=64 * MiB,
+        free_bytes=60 * MiB, segments=64, free_segments=60, largest_free_extent=(k + 2) * MiB,
+        free_extents=2, draining=k == 1, failed=False, pages_in=100 + k, pages_out=50 + k,
+        promotions=3, demotions=4 + k, bytes_moved=8192 * (k + 1), read_errors=k,
+        write_errors=2 * k, extra=extra,
     )
-    return dataclasses.asdict(st)
+
+
+class _Service:
+    """Stands in for a shard's LaneService: only its statistics are asked for."""
+
+    def __init__(self, stats: LaneStatistics) -> None:
+        self._stats = stats
+
+    def statistics(self) -> LaneStatistics:
+        return self._stats
 
 
 def shard_report(k: int) -> dict[str, Any]:
-    """What `Shard.stats()` in daemon.py returns, built from the same dataclasses."""
-    tiers = [
+    """What a shard answers to "stats": the real `Shard.stats()` of shard.py over the real
+    statistics dataclasses (only the hardening and task records are replaced)."""
+    tiers = (
         _tier("ram", "memory", k, {"arena_bytes": 64 * MiB, "grow_failures": k}),
         _tier("disk", "file", k, {"path": "/var/lib/tierswap-test/disk.tier",
                                   "file_allocated_bytes": 512 * MiB, "auth_failures": k}),
         _tier("net", "remote", k, {
             "targets": [{"url": "nbd://192.0.2.1/x", "up": True, "errors": 0, "reconnects": 0,
-                         "resync_pending": 0}],
+                         "resync_pending": 0, "rebuild_backlog": 1, "fragments": 8,
+                         "bytes": 8 * MiB}],
             "replicas": 2, "auth_failures": 0, "stale_reads": k, "degraded_writes": 5 * k,
             "degraded_segments": k, "resynced_segments": 7, "rereplicated_segments": 1}),
-    ]
-    dev = DeviceStatistics(
-        size_bytes=512 * MiB, stored_pages=sum(t["pages"] for t in tiers), zero_pages=30 + k,
-        stored_bytes=sum(t["stored_bytes"] for t in tiers),
-        orig_bytes=sum(t["pages"] for t in tiers) * PAGE_SIZE, runs=40 + k,
-        metadata_bytes=4096 * (10 + k), reads=1000 + k, writes=2000 + k, discards=300 + k,
-        read_errors=k, write_errors=2 * k, enospc=k,
     )
-    d = dataclasses.asdict(dev)
-    d["tiers"] = tiers
+    lane = LaneStatistics(
+        size_bytes=512 * MiB, stored_pages=sum(t.pages for t in tiers), zero_pages=30 + k,
+        stored_bytes=sum(t.stored_bytes for t in tiers),
+        orig_bytes=sum(t.pages for t in tiers) * PAGE_SIZE, runs=40 + k,
+        metadata_bytes=4096 * (10 + k), map_high_water=4096 * (20 + k), reads=1000 + k,
+        writes=2000 + k, discards=300 + k, read_errors=k, write_errors=2 * k, enospc=k,
+        native=900, forwarded=100 + k, rmw=5, rmw_conflicts=k, corrupt=0, threads_running=4,
+        tiers=tiers,
+    )
+    config = parse_config(CONFIG, check_fs=False)
+    shard = Shard(config, k, Kit())
+    shard.service = _Service(lane)  # type: ignore[assignment]
+    d = shard.stats()
     d["hardening"] = {"VmLck": 100 * MiB, "VmRSS": 101 * MiB, "oom_score_adj": -1000}
+    d["tasks"] = {"policy": {"failures": k, "last_error": None, "running": True}}
     return d
 
 
@@ -105,7 +124,10 @@ def status(monkeypatch) -> dict[str, Any]:
         "/dev/loop8": {"size": 512 * MiB, "used": 5 * MiB, "priority": 100},
         "/dev/sda2": {"size": 1 << 30, "used": 77 * MiB, "priority": -2},
     })
-    return combine_status(config, loops, [shard_report(0), shard_report(1)], active=True)
+    shards = [{"index": k, "pid": 100 + k, "device": d, "state": "serving", "restarts": 0}
+              for k, d in enumerate(loops)]
+    replies = [ShardReply(0, shard_report(0)), ShardReply(1, shard_report(1))]
+    return combine_status(config, shards, replies, active=True)
 
 
 # ---------------------------------------------------------------------------- a strict parser
@@ -242,6 +264,13 @@ def test_render_device_values(status):
     assert value(fams, "tierswap_shard_locked_bytes", shard="1") == 100 * MiB
     assert value(fams, "tierswap_shard_resident_bytes", shard="0") == 101 * MiB
     assert value(fams, "tierswap_shard_oom_score_adj", shard="0") == -1000
+    assert value(fams, "tierswap_status_partial") == 0
+    assert value(fams, "tierswap_task_failures_total", process="shard1", task="policy") == 1
+    for k in ("0", "1"):
+        assert value(fams, "tierswap_shard_state", shard=k, state="serving") == 1
+        assert value(fams, "tierswap_shard_state", shard=k, state="failed") == 0
+        assert value(fams, "tierswap_shard_reporting", shard=k) == 1
+        assert value(fams, "tierswap_shard_restarts_total", shard=k) == 0
 
 
 def test_render_tier_values(status):
@@ -268,7 +297,7 @@ def test_render_tier_values(status):
         assert value(fams, "tierswap_tier_promoted_pages_total", **lab) == 6
         assert value(fams, "tierswap_tier_demoted_pages_total", **lab) == 9
         assert value(fams, "tierswap_tier_moved_bytes_total", **lab) == 8192 * 3
-        assert value(fams, "tierswap_tier_errors_total", **lab) == 1
+        assert value(fams, "tierswap_tier_errors_total", **lab) == 3  # reads and writes
     assert value(fams, "tierswap_tier_arena_bytes", **ram) == 128 * MiB
     assert value(fams, "tierswap_tier_grow_failures_total", **ram) == 1
     # shards share one tier file: its allocation is not summed
@@ -283,20 +312,26 @@ def test_render_tier_values(status):
     assert value(fams, "tierswap_tier_degraded_segments", **net) == 1
     assert value(fams, "tierswap_tier_resynced_segments_total", **net) == 14
     assert value(fams, "tierswap_tier_rereplicated_segments_total", **net) == 2
-    # configuration and per-target lists are not metrics of the tier
-    assert not any("replicas" in name or "target" in name for name in fams)
+    # configuration is not a metric; per-target numbers are labelled by target
+    assert not any("replicas" in name for name in fams)
+    assert not any("target" in name for name in fams if name.startswith("tierswap_tier_"))
+    tgt = {**net, "target": "nbd://192.0.2.1/x"}
+    assert value(fams, "tierswap_remote_target_up", **tgt) == 1
+    assert value(fams, "tierswap_remote_target_bytes", **tgt) == 2 * 8 * MiB
+    assert value(fams, "tierswap_remote_target_rebuild_backlog", **tgt) == 2
 
 
 def test_every_counter_in_the_status_record_is_exported(status):
-    """A counter added to TierCounters or to the io record must get a metric too."""
+    """A counter added to a shard's tier counters or to the io record must get a metric."""
     tier_keys = {k for k, _, _ in metrics._TIER_COUNTERS}
-    assert tier_keys == {f.name for f in dataclasses.fields(TierCounters)}
+    assert tier_keys == set(shard_report(0)["tiers"][0]["counters"])
+    assert all(set(t["counters"]) == tier_keys for t in status["tiers"])
     assert {k for k, _, _ in metrics._IO_COUNTERS} == set(status["io"])
 
 
 def test_label_values_and_help_are_escaped():
     weird = 'a"b\\c\nd'
-    st = {"active": False, "devices": [weird],
+    st = {"active": False, "shards": [{"index": 0, "device": weird}],
           "tiers": [{"name": weird, "kind": "memory", "pages": 1, "counters": {"errors": 2}}]}
     text = metrics.render(st)
     assert '\\"' in text and "\\\\" in text and "\\n" in text
@@ -314,7 +349,7 @@ def test_render_is_robust_to_missing_and_odd_fields():
     assert set(fams) == {"tierswap_active"}
     st = {"active": True, "pages": {"stored": "many"}, "io": {"reads": 5},
           "tiers": [{"name": "x", "kind": "remote", "counters": {}, "path": "/srv/x"}],
-          "hardening": [{"oom_score_adj": 0}]}
+          "shards": [{"index": 0, "hardening": {"oom_score_adj": 0}}, "junk"]}
     fams = parse_exposition(metrics.render(st))
     assert "tierswap_stored_pages" not in fams
     assert value(fams, "tierswap_reads_total") == 5
@@ -541,6 +576,7 @@ async def test_served_from_the_real_supervisor_fanout(nursery, tmp_path, monkeyp
     """The real Supervisor.handle over real shard control sockets, one shard then failing."""
     from tierswap.config import MetricsConfig
     from tierswap.control import serve_control
+    from tierswap.layout import Layout
     from tierswap.supervisor import Supervisor
 
     monkeypatch.setattr(system, "active_swaps", lambda: {})
@@ -559,11 +595,12 @@ async def test_served_from_the_real_supervisor_fanout(nursery, tmp_path, monkeyp
         return handle
 
     for k in range(cfg.shards):
-        cfg.shard_dir(k).mkdir(parents=True)
-        await nursery.start(serve_control, cfg.shard_dir(k) / "control.sock", shard_handler(k))
+        Layout.of(cfg).shard(k).run_dir.mkdir(parents=True)
+        await nursery.start(serve_control, Layout.of(cfg).shard(k).control_socket,
+                            shard_handler(k))
     sup = Supervisor(cfg, None)
-    sup.procs = [None] * cfg.shards  # fan-out only counts them
-    sup.loops = ["/dev/loop7", "/dev/loop8"]
+    for slot, dev in zip(sup.slots, ["/dev/loop7", "/dev/loop8"], strict=True):
+        slot.state, slot.device = "serving", dev  # no processes: the fan-out asks the sockets
     sup.active = True
     addrs = await nursery.start(metrics.serve_metrics, sup)
     code, _, body = await http(addrs[0], b"GET /metrics HTTP/1.1\r\n\r\n")
@@ -571,6 +608,13 @@ async def test_served_from_the_real_supervisor_fanout(nursery, tmp_path, monkeyp
     fams = parse_exposition(body.decode())
     assert value(fams, "tierswap_shards") == 2 and value(fams, "tierswap_active") == 1
     assert value(fams, "tierswap_reads_total") == 2001
+    assert value(fams, "tierswap_status_partial") == 0
+    # one shard fails its report: the scrape still answers, with that shard's part missing
     broken["shard"] = 1
     code, _, body = await http(addrs[0], b"GET /metrics HTTP/1.1\r\n\r\n")
-    assert code == 503 and b"stats failed" in body
+    assert code == 200
+    fams = parse_exposition(body.decode())
+    assert value(fams, "tierswap_status_partial") == 1
+    assert value(fams, "tierswap_shard_reporting", shard="0") == 1
+    assert value(fams, "tierswap_shard_reporting", shard="1") == 0
+    assert value(fams, "tierswap_reads_total") == 1000  # shard 0's alone
