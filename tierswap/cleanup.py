@@ -332,7 +332,7 @@ def force_cleanup(config: Config) -> list[str]:
             done.append(f"unmounted {mnt}")
     finally:
         left.close()
-    if clean:
-        for f in (lay.state_file, lay.pid_file, lay.control_socket):
+    if clean:  # the run is over (session_file: it did not end with the boot)
+        for f in (lay.state_file, lay.pid_file, lay.control_socket, lay.session_file):
             f.unlink(missing_ok=True)
     return done

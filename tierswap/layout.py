@@ -70,6 +70,13 @@ class Layout:
         return self.run_dir / "state.json"
 
     @property
+    def session_file(self) -> Path:
+        """Which boot the devices were last brought up on: written once swap is on, removed by
+        a clean tear-down. The one file of a run on persistent storage (no secrets in it), so
+        that the next `up` can tell that the host went down with swap on."""
+        return self.state_dir / "session.json"
+
+    @property
     def log_file(self) -> Path:
         """Where a detached `tierswap up` logs."""
         return self.run_dir / "tierswap.log"

@@ -39,7 +39,7 @@ from tierswap.config import Config, format_size, make_private_dir
 from tierswap.control import Progress, acall, first_error, serve_control
 from tierswap.errors import CommandError, ControlError, StartError
 from tierswap.keeper import SWEEP_EVERY, KitKeeper
-from tierswap.kit import Kit, KitError, check_manifest, fetch_kit
+from tierswap.kit import Kit, KitError, boot_id, check_manifest, fetch_kit
 from tierswap.layout import Layout, ShardLayout
 from tierswap.procs import Pidfd, ProcessId
 from tierswap.tasks import STOP_SIGNALS, TaskBoard, keep_running, signal_name, started_at_once
@@ -175,6 +175,7 @@ class Supervisor:
             if left:
                 log.warning("clearing state left by a crashed run: %s", "; ".join(left))
                 force_cleanup(cfg)
+            self._previous_boot()
         for d in (cfg.run_dir, cfg.state_dir):
             make_private_dir(d)  # never chmod a directory we did not create
         from tierswap.tiers.file import prepare_file
@@ -243,6 +244,7 @@ class Supervisor:
             await trio.to_thread.run_sync(system.swapon, slot.device, cfg.priority)
         self.active = True
         self._write_state()
+        self._write_session()
 
     async def adopt(self) -> None:
         """Take over the shards a dead supervisor left serving: their processes (watched by
@@ -321,6 +323,26 @@ class Supervisor:
             self._write_state()
             return None
 
+    def _previous_boot(self) -> None:
+        """Say so when the last run never stopped because the host went down under it: its
+        pages went with that boot (nothing that could hold them survives one), so this run
+        starts empty. Its tier files are reused from scratch (the map is new)."""
+        try:
+            prev = json.loads(self.layout.session_file.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(prev, dict) and prev.get("boot_id") != boot_id():
+            started = prev.get("started")
+            when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+                    if isinstance(started, (int, float)) else "at an unknown time")
+            log.warning("the previous run (started %s) never stopped: the host crashed or "
+                        "rebooted with swap on; its pages went with that boot; starting empty",
+                        when)
+
+    def _write_session(self) -> None:
+        write_private(self.layout.session_file,
+                      json.dumps({"boot_id": boot_id(), "started": self.started}))
+
     async def tear_down(self) -> None:
         """swapoff, detach, stop shards (they unmount), in that order, whatever happened.
 
@@ -355,6 +377,7 @@ class Supervisor:
         for s in self.slots:
             s.kit = Kit()
         self.layout.state_file.unlink(missing_ok=True)
+        self.layout.session_file.unlink(missing_ok=True)  # a clean stop: nothing was lost
 
     # -------------------------------------------------------------- per-shard watch
 

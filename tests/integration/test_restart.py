@@ -43,6 +43,25 @@ def wait_serving(inst, index: int, restarts: int, timeout: float = 30.0) -> dict
         timeout=timeout)
 
 
+def replacement_of(supervisor: int, shard: int, victim: int, timeout: float = 20.0) -> int:
+    """The pid of the supervisor's new child for `shard`, found as soon as it is spawned."""
+    want = ["-m", "tierswap.shard", "--shard", str(shard)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == victim:
+                continue
+            try:
+                argv = (d / "cmdline").read_bytes().decode().split("\0")
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == supervisor and argv[1:1 + len(want)] == want:
+                return int(d.name)
+        time.sleep(0.002)
+    raise AssertionError(f"no replacement for shard {shard} was spawned in {timeout}s")
+
+
 def pids(inst) -> dict[str, int]:
     st = inst.state()
     out = {"supervisor": st["pid"]}
@@ -123,6 +142,25 @@ def test_a_shard_killed_while_pages_are_being_read_back(two_shards, base):
         wait_serving(inst, 1, 1)
         os.kill(inst.state()["shards"][1]["pid"], signal.SIGKILL)  # and again: twice in a row
         wait_serving(inst, 1, 2)
+        finish(proc)
+    assert not new_swap_errors(log0)
+
+
+def test_a_shard_killed_again_while_its_replacement_starts(two_shards, base):
+    """The replacement is killed before it serves (state "restarting"): the next replacement
+    still finds every page in the kit, and nothing was answered wrongly meanwhile."""
+    inst = two_shards
+    log0 = len(kernel_log())
+    cg, hold = held_workload(base, 64)
+    with cg, workload(cg, "640M", 64, hold) as proc:
+        wait_held(proc, hold)
+        hold.unlink()  # swap-in goes on through both kills
+        victim = inst.state()["shards"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        second = replacement_of(inst.state()["pid"], 0, victim)
+        os.kill(second, signal.SIGKILL)  # before it answers: it is still starting
+        st = wait_serving(inst, 0, 1)
+        assert st["shards"][0]["pid"] not in (victim, second)
         finish(proc)
     assert not new_swap_errors(log0)
 

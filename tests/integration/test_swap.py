@@ -162,6 +162,32 @@ def test_down_twice_and_up_again(base):
         stop(base, cfg)
 
 
+def test_a_run_the_host_went_down_under_is_reported_and_swap_starts_empty(base):
+    """Issue 10: nothing that holds pages survives a boot, so a run whose host crashed is
+    detected at the next `up` (its session file names another boot) and said so."""
+    cfg = base / "t.toml"
+    cfg.write_text(config_text(base, size="1G", ram="16M", disk="1G"))
+    session = base / "state" / "session.json"
+    session.parent.mkdir(parents=True)
+    session.write_text(json.dumps({"boot_id": "0" * 32, "started": 1.0e9}))
+    try:
+        cli("up", config=cfg)
+        log = (base / "run" / "tierswap.log").read_text()
+        assert "the host crashed or rebooted with swap on" in log
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            assert json.loads(session.read_text())["boot_id"] == f.read().strip()
+        st = json.loads(cli("status", "--json", config=cfg).stdout)
+        assert st["pages"]["stored"] == 0
+        cli("down", config=cfg)
+        assert not session.exists()  # a clean stop: the next up has nothing to report
+        seen = len(log)
+        cli("up", config=cfg)
+        assert "host crashed" not in (base / "run" / "tierswap.log").read_text()[seen:]
+        cli("down", config=cfg)
+    finally:
+        stop(base, cfg)
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed", "wedged"])
 def test_down_force_clears_a_crashed_or_wedged_run(base, how):
     cfg = base / "t.toml"
