@@ -177,7 +177,7 @@ def test_a_run_the_host_went_down_under_is_reported_and_swap_starts_empty(base):
         with open("/proc/sys/kernel/random/boot_id") as f:
             assert json.loads(session.read_text())["boot_id"] == f.read().strip()
         st = json.loads(cli("status", "--json", config=cfg).stdout)
-        assert st["pages"]["stored"] == 0
+        assert st["pages"]["stored"] <= 1  # mkswap's header page only
         cli("down", config=cfg)
         assert not session.exists()  # a clean stop: the next up has nothing to report
         seen = len(log)
