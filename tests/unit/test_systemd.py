@@ -140,6 +140,8 @@ def test_unit_type_and_commands(unit):
     assert svc["ExecStart"] == [f"{BINARY} up --foreground"]
     assert svc["ExecStartPre"] == [f"{BINARY} down --force --quiet"]
     assert svc["ExecStop"] == [f"{BINARY} down"]
+    # a reload is the live upgrade (swap stays on); restart = stop + start stays a swapoff
+    assert svc["ExecReload"] == [f"{BINARY} restart --timeout 240"]
     assert svc["ExecStopPost"] == [f"{BINARY} down --force --quiet"]
     assert svc["Restart"] == ["on-failure"] and svc["RestartSec"]
     assert svc["KillMode"] == ["control-group"]  # shards get SIGTERM and swapoff themselves
