@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.lane.harness import PAGE, make_config, mixed_bytes, open_lane
 from tierswap.keeper import KitKeeper
 from tierswap.kit import Kit
@@ -145,3 +147,18 @@ def test_sigkill_in_the_middle_of_writes_leaves_a_consistent_map(tmp_path):
         kit.close()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("disk", [None, "4M"], ids=["tier-gone", "tier-smaller"])
+async def test_a_map_the_new_lane_cannot_place_fails_the_start(tmp_path, disk):
+    """A record the replacement cannot place must fail its start: skipped, its bytes would be
+    counted free and reused while the map still points at them."""
+    kit = Kit()
+    async with open_lane(size=32 << 20, mem="4M", disk="32M", kit=kit, tmp=tmp_path) as rig:
+        await rig.client.write_all(0, os.urandom(24 << 20))  # most of it in the file tier
+        assert rig.stats().tiers[1].stored_bytes > 8 << 20
+    kit.fresh = False
+    with pytest.raises(Exception, match="the map (names a tier|points outside)"):
+        async with open_lane(size=32 << 20, mem="4M", disk=disk, kit=kit, tmp=tmp_path):
+            pass
+    kit.close()

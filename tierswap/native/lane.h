@@ -129,7 +129,7 @@ uint64_t space_pin(space_t *sp);
 void space_unpin(space_t *sp, uint64_t gen);
 void space_close_open(space_t *sp);
 void space_rebuild_begin(space_t *sp);
-void space_rebuild_add(space_t *sp, uint64_t base, uint64_t nbytes);
+int space_rebuild_add(space_t *sp, uint64_t base, uint64_t nbytes);
 void space_rebuild_end(space_t *sp);
 uint32_t space_largest_free_extent(const space_t *sp, uint32_t *extents);
 int space_is_free(const space_t *sp, uint32_t seg);

@@ -205,7 +205,11 @@ static void lane_free(LaneObject *self)
     self->l = NULL;
 }
 
-static void rebuild(lane_t *l)
+/* The spaces and counters of a map that outlived its lane (a replacement shard). Strict: a
+ * record this lane cannot place (a tier it does not have, an address outside its tier) or a
+ * failed scan fails the start. Skipping one would leave its bytes counted free, to be reused
+ * while the map still points at them. Returns 0, or a negative errno with *why set. */
+static int rebuild(lane_t *l, const char **why)
 {
     for (int t = 0; t < l->ntiers; t++)
         space_rebuild_begin(&l->tiers[t].sp);
@@ -217,17 +221,28 @@ static void rebuild(lane_t *l)
     while (!done) {
         int n = map_scan(&l->map, &cursor, ZERO_TIER + 1, UINT32_MAX, 1024, runs, 1024, lens,
                          sizeof lens / sizeof lens[0], &done);
-        if (n < 0)
-            break;
+        if (n < 0) {
+            *why = "the map cannot be read";
+            return n;
+        }
         for (int i = 0; i < n; i++) {
             run_t *r = &runs[i];
-            if (r->tier != ZERO_TIER && r->tier < l->ntiers)
-                space_rebuild_add(&l->tiers[r->tier].sp, r->base, run_nbytes(r));
+            if (r->tier == ZERO_TIER)
+                continue;
+            if (r->tier >= l->ntiers) {
+                *why = "the map names a tier this configuration does not have";
+                return -EINVAL;
+            }
+            if (space_rebuild_add(&l->tiers[r->tier].sp, r->base, run_nbytes(r)) < 0) {
+                *why = "the map points outside a tier's space (was a tier made smaller?)";
+                return -EINVAL;
+            }
         }
         lane_account(l, runs, n, +1);
     }
     for (int t = 0; t < l->ntiers; t++)
         space_rebuild_end(&l->tiers[t].sp);
+    return 0;
 }
 
 static int Lane_init(LaneObject *self, PyObject *args, PyObject *kw)
@@ -401,8 +416,14 @@ static int Lane_init(LaneObject *self, PyObject *args, PyObject *kw)
         goto fail;
     }
     l->nthreads = nthreads;
-    if (!fresh)
-        rebuild(l);
+    if (!fresh) {
+        const char *why = "";
+        int rc = rebuild(l, &why);
+        if (rc < 0) {
+            PyErr_Format(LaneError, "%s (%s)", why, strerror(-rc));
+            goto fail;
+        }
+    }
     return 0;
 fail:
     l->nthreads = 0;

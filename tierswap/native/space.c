@@ -264,13 +264,14 @@ void space_rebuild_begin(space_t *sp)
     sp->nguards = 0;
 }
 
-void space_rebuild_add(space_t *sp, uint64_t base, uint64_t nbytes)
+int space_rebuild_add(space_t *sp, uint64_t base, uint64_t nbytes)
 {
-    uint32_t seg = (uint32_t)(base >> SEG_SHIFT);
-    if (seg < sp->nseg) {
-        sp->live[seg] += (int64_t)nbytes;
-        sp->live_total += (int64_t)nbytes;
-    }
+    uint64_t seg = base >> SEG_SHIFT;
+    if (seg >= sp->nseg || (nbytes && ((base + nbytes - 1) >> SEG_SHIFT) != seg))
+        return -1; /* outside the tier, or across a segment: not a record we wrote */
+    sp->live[seg] += (int64_t)nbytes;
+    sp->live_total += (int64_t)nbytes;
+    return 0;
 }
 
 void space_rebuild_end(space_t *sp)
