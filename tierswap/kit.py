@@ -34,12 +34,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierswap.errors import StartError
+
 MAX_FDS = 200
 MFD_FLAGS = os.MFD_CLOEXEC | getattr(os, "MFD_NOEXEC_SEAL", 0)
 
 
-class KitError(Exception):
-    """A kit that does not fit the shard it is offered to."""
+class KitError(StartError):
+    """A kit that does not fit the shard it is offered to: a start error (one line for the
+    operator, e.g. from `restart` with a configuration that changed the device's layout)."""
 
 
 @dataclass

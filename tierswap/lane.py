@@ -34,7 +34,7 @@ import trio
 
 import tierswap._lane as _lane
 from tierswap.config import MAP_BYTES_PER_PAGE, PAGE_SIZE, Compression, Config
-from tierswap.errors import TierswapError
+from tierswap.errors import StartError, TierswapError
 from tierswap.kit import Kit
 from tierswap.tiers import tier_class
 from tierswap.tiers.base import (
@@ -195,10 +195,13 @@ class LaneService:
                               "nseg": store.nseg, "available": store.nseg, "align": store.align,
                               "life": life})
             st = os.stat(f"/proc/self/fd/{map_fd}")
-            lane = _lane.Lane(
-                fds=list(fuse_fds), size=share, map_path=f"/proc/self/fd/{map_fd}",
-                map_size=map_size, fresh=fresh, tiers=specs, uid=os.getuid(), gid=os.getgid(),
-                mtime_ns=st.st_mtime_ns, jobs=JOBS)
+            try:
+                lane = _lane.Lane(
+                    fds=list(fuse_fds), size=share, map_path=f"/proc/self/fd/{map_fd}",
+                    map_size=map_size, fresh=fresh, tiers=specs, uid=os.getuid(),
+                    gid=os.getgid(), mtime_ns=st.st_mtime_ns, jobs=JOBS)
+            except _lane.LaneError as e:  # e.g. a kept map this configuration cannot place
+                raise StartError(f"shard {shard}: {e}") from None
         except BaseException:
             for t in tiers:
                 if isinstance(t, Store):

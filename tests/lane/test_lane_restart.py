@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from tests.lane.harness import PAGE, make_config, mixed_bytes, open_lane
+from tierswap.errors import StartError
 from tierswap.keeper import KitKeeper
 from tierswap.kit import Kit
 
@@ -158,7 +159,7 @@ async def test_a_map_the_new_lane_cannot_place_fails_the_start(tmp_path, disk):
         await rig.client.write_all(0, os.urandom(24 << 20))  # most of it in the file tier
         assert rig.stats().tiers[1].stored_bytes > 8 << 20
     kit.fresh = False
-    with pytest.raises(Exception, match="the map (names a tier|points outside)"):
+    with pytest.raises(StartError, match=r"the map (names a tier|points outside)"):
         async with open_lane(size=32 << 20, mem="4M", disk=disk, kit=kit, tmp=tmp_path):
             pass
     kit.close()
