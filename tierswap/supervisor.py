@@ -296,7 +296,22 @@ class Supervisor:
     # -------------------------------------------------------------- tear-down
 
     async def swapoff_all(self) -> list[str]:
-        """swapoff and detach every device; returns the failures (those stay active)."""
+        """swapoff and detach every device; returns the failures (those stay active).
+
+        A failed shard that holds pages (its kit) is tried once more first: nobody serves its
+        connection, so its swapoff would wait on its first page forever. If it cannot come
+        back, nothing is swapped off at all and that is the failure."""
+        for slot in self.slots:
+            if slot.state == FAILED and slot.kit.fds and slot.device is not None:
+                async with slot.lock:
+                    back = await self.respawn(slot, attempts=1)
+                if not back:
+                    return [f"{slot.device} (shard {slot.index}) has no process that can serve "
+                            "it, so its swapoff would never end; its pages are kept (status "
+                            "says why); 'tierswap down --force' gives them up"]
+                slot.restarts += 1
+                slot.state, slot.reason, slot.retry_every = SERVING, None, RETRY_FIRST
+                self._write_state()
         failed = []
         for slot in self.slots:
             err = await self._swapoff(slot)
@@ -653,14 +668,12 @@ class Supervisor:
             argv += ["--config", config_path]
         env = dict(os.environ, TIERSWAP_READY_FD=str(w),
                    TIERSWAP_TAKEOVER=self.ident.format().strip())
-        log_fd = os.open(self.layout.log_file,
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # stdout and stderr are this supervisor's own: the journal under the unit (with
+        # JOURNAL_STREAM), the log file of a detached `up`; the new one logs where we did.
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
-                                    stderr=log_fd, env=env, pass_fds=(w,),
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, pass_fds=(w,),
                                     start_new_session=True)
         finally:
-            os.close(log_fd)
             os.close(w)
         line = ""
         try:

@@ -228,6 +228,30 @@ def test_a_shard_that_cannot_come_back_keeps_its_pages_and_returns_when_it_can(
     assert not leftovers(inst.run_dir)
 
 
+def test_down_with_a_shard_that_cannot_come_back_swaps_nothing_off_and_keeps_serving(
+        make_instance):
+    """`down` while a shard with pages has no process: its swapoff would wait forever on a
+    connection nobody serves. down tries it once more, then refuses in one line with nothing
+    swapped off; once the cause is gone, down works."""
+    inst = make_instance(size="1G", ram="16M", disk="1G", shards=2)
+    dev0, dev1 = inst.devices
+    good = inst.config.read_text()
+    inst.config.write_text(good.replace('size = "1G"\npriority', 'size = "4G"\npriority'))
+    try:
+        os.kill(inst.state()["shards"][1]["pid"], signal.SIGKILL)
+        inst.wait_status(lambda s: s["shards"][1]["state"] == "failed", timeout=120)
+        p = cli("down", config=inst.config, check=False, timeout=120)
+        assert p.returncode != 0 and p.stderr.count("\n") == 1, p
+        assert "no process that can serve it" in p.stderr, p.stderr
+        assert in_swap(dev0) and in_swap(dev1)  # nothing half-done
+        assert inst.status()["shards"][0]["state"] == "serving"  # the supervisor serves on
+    finally:
+        inst.config.write_text(good)
+    cli("down", config=inst.config, timeout=120)  # brings shard 1 back, then stops cleanly
+    assert not in_swap(dev0) and not in_swap(dev1)
+    assert not leftovers(inst.run_dir)
+
+
 def test_the_watchdog_signal_to_every_process_stops_swapoff_first(make_instance, base):
     """What systemd does when the watchdog fires (KillMode=control-group): WatchdogSignal=
     to the supervisor and every shard at once. Each must stop as in a stop, pages first."""

@@ -215,6 +215,7 @@ def test_restart_replaces_every_process_while_swap_stays_on(two_shards, base):
     inst = two_shards
     log0 = len(kernel_log())
     before = pids(inst)
+    logs_to = os.readlink(f"/proc/{before['supervisor']}/fd/2")
     cg, hold = held_workload(base, 65)
     with cg, workload(cg, "640M", 65, hold) as proc:
         wait_held(proc, hold)
@@ -225,6 +226,9 @@ def test_restart_replaces_every_process_while_swap_stays_on(two_shards, base):
             finish(proc)
         assert not watch.missing, f"left /proc/swaps: {sorted(set(watch.missing))}"
     assert all(after[k] != before[k] for k in before), (before, after)
+    # the new processes log where the old ones did (under the unit: the journal's stream)
+    assert os.readlink(f"/proc/{after['supervisor']}/fd/2") == logs_to
+    assert os.readlink(f"/proc/{after['shard0']}/fd/2") == logs_to
     st = inst.status()
     assert all(s["state"] == "serving" for s in st["shards"])
     assert not new_swap_errors(log0)
