@@ -10,8 +10,8 @@ Two families:
 * `StorageError` (`DeviceError`, `TierError`): a request on the swap file cannot be served.
   It carries the POSIX meaning of the failure (`errno`: ENOSPC for "no room", EINVAL for a
   request outside the device, EIO for everything else, or the errno a tier's own file or
-  socket reported). `fs.py` is the one place that turns it into an answer to the kernel;
-  nothing else speaks FUSE.
+  socket reported). The lane (tierswap/lane.py) is the one place that turns it into an
+  answer to the kernel: the errno of the job it fails.
 
 Limits: errors of helper modules that never cross a module boundary (the NBD client's,
 `crypto.AuthenticationError`, `cgroup.CgroupError`, the test workload's) stay local; they are
@@ -44,7 +44,7 @@ class CommandError(TierswapError):
 
 
 class StorageError(TierswapError):
-    """A read, write or discard cannot be served. `errno` is what the kernel is told (fs.py)."""
+    """A read, write or discard cannot be served. `errno` is what the kernel is told (lane.py)."""
 
     def __init__(self, errno: int, message: str) -> None:
         super().__init__(message)

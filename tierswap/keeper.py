@@ -10,9 +10,9 @@ the kernel could swap them out, possibly to the very device whose server is rest
 the replacement would then wait forever for its own memory. So the keeper maps every memfd and
 keeps its resident pages *locked*: `mlock2(MLOCK_ONFAULT)` on each mapping, and a sweep that
 touches every page the kernel reports resident (mincore) that the keeper has not touched yet.
-Pages are swept when deposited, when a shard says it grew (`sweep`), and every SWEEP_EVERY
-seconds; a page allocated since the last sweep is still locked by the shard's own mlockall as
-long as the shard lives.
+Pages are swept when a kit is fetched and every SWEEP_EVERY seconds (a grown arena is
+swept within that); a page allocated since the last sweep is still locked by the shard's own
+mlockall as long as the shard lives.
 
 Limits: the keeper maps what it holds for as long as it holds it (address space, not memory:
 only resident pages cost anything, and they are the shard's pages, not copies). Sweeping is

@@ -12,8 +12,8 @@
                   tierswap/kitstate.py gives both a header naming what they hold)
 
 Everything is memory: memfds live as long as some process holds them, never touch a disk, and
-disappear with the host. A shard makes its kit at first start; once serving it deposits the kit
-with the supervisor (SCM_RIGHTS over its control socket), which keeps every memfd mapped and
+disappear with the host. A shard makes its kit at first start; once it serves, the supervisor
+fetches the kit (SCM_RIGHTS over the shard's control socket), which keeps every memfd mapped and
 locked, so that neither the shard's death nor memory pressure in the gap before its
 replacement can lose or swap those pages. A respawned shard gets the same fds (pass_fds) and a
 manifest naming them.

@@ -1,9 +1,10 @@
 """Where an instance keeps its files: one object, so no path is built by hand anywhere else.
 
-Everything under `run_dir` is per boot and private (0700 directories, 0600 files); everything
-under `state_dir` belongs to a shard's device (today only its slot map). Nothing here creates
-or touches a file: the layout is names only, cheap to build from a `Config` in every process
-(CLI, supervisor, shard, clean-up) so that they all agree.
+Everything under `run_dir` is per boot and private (0700 directories, 0600 files); `state_dir`
+is persistent: the session file (which boot the devices were brought up on) and the default
+place of file tiers. The slot map is not there: it lives in the shard's kit (memory). Nothing
+here creates or touches a file: the layout is names only, cheap to build from a `Config` in
+every process (CLI, supervisor, shard, clean-up) so that they all agree.
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ class ShardLayout:
     @property
     def control_socket(self) -> Path:
         return self.run_dir / "control.sock"
-
-    @property
-    def map_dir(self) -> Path:
-        return self.state_dir / "map"
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ stop a daemon process.
 A shard serves FUSE and runs background tasks (policy passes, its control server, RAM-tier
 growth, remote repair) in one trio nursery. In a plain nursery an exception in any task
 cancels every other, FUSE included, and a shard that stops serving under its swap device loses
-every page on it. `keep_running` runs a task so that an exception (say `lmdb.MapFullError`
-from the map, or a bug) is logged with its traceback, counted, and the task started again
+every page on it. `keep_running` runs a task so that an exception (say a store's
+OSError, or a bug) is logged with its traceback, counted, and the task started again
 after a backoff that doubles up to a cap and resets once the task has run for a while.
 Cancellation (a shutdown) passes through untouched.
 

@@ -7,7 +7,7 @@
  *
  *   key   u64 big-endian   first page (big-endian, so LMDB's byte order is page order)
  *   value u8  tier         index into the configured tiers; 255 = ZERO_TIER (no storage)
- *         u8  flags        format (low nibble) and codec (bits 4-5) of the run's bytes
+ *         u8  flags        format (bits 0-2), FLAG_RECOMPRESSED (bit 3), codec (bits 4-5) of the run's bytes
  *         u16 npages       at most MAX_RUN
  *         u32 epoch        coarse seconds (CLOCK_BOOTTIME) of the last write or promotion read
  *         u64 base | gen   byte address in the tier's space (low 48 bits); write generation

@@ -30,7 +30,7 @@ new life. Reads never run on bytes a segment no longer holds: the lane keeps a r
 the lookup until the job is finished (docs/design.md, "Concurrency rules").
 
 Sealing (AES-GCM) is a wrapper over a store's raw I/O, like an nbdkit filter over a plugin:
-see `SealedIO` in tierswap/crypto.py.
+see `BlockSealer` in tierswap/crypto.py.
 """
 
 from __future__ import annotations

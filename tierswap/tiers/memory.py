@@ -79,7 +79,6 @@ class MemoryTier:
         self.headroom_fn: Callable[[], int | None] = cgroup_headroom  # replaceable in tests
         self.host_fn: Callable[[], int] = host_available
         self.extend_fn: Callable[[int, int], None] = self._extend  # runs in a worker thread
-        self.on_grown: Callable[[int], None] | None = None  # tells the kit keeper (supervisor)
 
     def lane_spec(self) -> dict[str, Any]:
         c = self.cfg.compression
@@ -139,8 +138,6 @@ class MemoryTier:
                 return False
             self.size = old + chunk
             self.growths += 1
-            if self.on_grown is not None:
-                self.on_grown(self.index)
             self.lane.add_segments(self.index, chunk // SEG_SIZE)
             return True
         finally:
