@@ -57,6 +57,8 @@ RESUME_THREADS = 2
 JOBS = 24  # job pool: lane threads + requests parked with trio
 OFFLINE_CHECK = 0.5
 SCAN_SLICE = 256  # map records per slice of a scan (one lock hold; a checkpoint after each)
+SCAN_BURST = 0.005  # seconds a sliced scan (and its consumer) runs before it rests
+SCAN_REST = 0.001  # seconds of a rest: trio sleeps in epoll, the GIL is free for other threads
 ZERO_TIER = _lane.ZERO_TIER
 
 
@@ -81,7 +83,16 @@ class RunInfo(NamedTuple):
 
 class RunScan:
     """`async for run in RunScan(...)`: a sliced scan of the map (see LaneService.runs). A
-    class, not an async generator, so that leaving the loop early needs no clean-up."""
+    class, not an async generator, so that leaving the loop early needs no clean-up.
+
+    Between slices there is a checkpoint, and after every SCAN_BURST seconds of scanning (the
+    consumer's work on the records included) a rest of SCAN_REST seconds. The rest is what lets
+    the store and resume worker threads of slow-tier requests (trio.to_thread) run: a
+    checkpoint alone releases the GIL only for trio's epoll_wait(0) and takes it back at once,
+    and each release wakes a waiting thread, whose 5 ms switch-interval timer then starts over,
+    so with two or more waiters none ever asks for the GIL and they starve for as long as the
+    pass runs (seconds over a million records). The pass costs SCAN_REST/SCAN_BURST more time.
+    """
 
     def __init__(self, lane: Any, tier: int, max_epoch: int, budget: int) -> None:
         self._lane, self._tier, self._max, self._budget = lane, tier, max_epoch, budget
@@ -89,6 +100,7 @@ class RunScan:
         self._buf: list[Any] = []
         self._done = False
         self._first = True
+        self._since = 0.0  # trio.current_time() of the last rest (or of the first slice)
 
     def __aiter__(self) -> RunScan:
         return self
@@ -97,7 +109,12 @@ class RunScan:
         while not self._buf:
             if self._done:
                 raise StopAsyncIteration
-            if not self._first:
+            if self._first:
+                self._since = trio.current_time()
+            elif trio.current_time() - self._since >= SCAN_BURST:
+                await trio.sleep(SCAN_REST)  # other threads' turn with the GIL
+                self._since = trio.current_time()
+            else:
                 await trio.sleep(0)  # a checkpoint between slices
             self._first = False
             runs, self._cursor, self._done = self._lane.scan(self._tier, self._cursor,
@@ -329,8 +346,9 @@ class LaneService:
 
     def runs(self, tier: int, max_epoch: int = 0xFFFFFFFF, *, budget: int = SCAN_SLICE) -> RunScan:
         """Every record of `tier` (-1: all) with epoch <= max_epoch, in page order, read in
-        slices of at most `budget` records with a checkpoint between slices: the lane's lock is
-        held for one slice at a time and trio never stalls on a large map."""
+        slices of at most `budget` records with a checkpoint between slices and a rest after
+        every SCAN_BURST (see RunScan): the lane's lock is held for one slice at a time, and
+        neither trio nor the worker threads of slow-tier requests stall on a large map."""
         return RunScan(self.lane, tier, max_epoch, budget)
 
     async def move(self, run: RunInfo, to: Sequence[int], *,

@@ -6,7 +6,8 @@ discards that race with a move always win. Background moves are rate-limited (to
 `policy.rate` bytes/s) and yield to foreground I/O between records.
 
 Nothing here holds the map for long: the map is read in slices (`LaneService.runs`, at most a
-few thousand records per slice, a checkpoint between slices), and "coldest first" is found
+few thousand records per slice, a checkpoint between slices and a real sleep every few ms, so
+the GIL reaches the worker threads that slow-tier reads need), and "coldest first" is found
 with a histogram of record ages (log2 buckets) instead of sorting every record, so a pass over
 millions of records needs neither memory nor a long stall. FUSE requests never wait for any of
 it: the lane serves them on its own threads. After a tier's demotion target is full (ENOSPC),
