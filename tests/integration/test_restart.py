@@ -231,7 +231,8 @@ def test_restart_replaces_every_process_while_swap_stays_on(two_shards, base):
     assert os.readlink(f"/proc/{after['shard0']}/fd/2") == logs_to
     st = inst.status()
     assert all(s["state"] == "serving" for s in st["shards"])
-    assert not new_swap_errors(log0)
+    errors = new_swap_errors(log0)
+    assert not errors, (errors[:5], st)  # status: which tier refused (enospc, failed)
     cli("down", config=inst.config)
     assert not leftovers(inst.run_dir)
 
