@@ -248,7 +248,24 @@ class Tierswap:
             raise BenchError(f"{self.base}: {format_size(free)} free, the file tier needs "
                              f"{format_size(self.file_capacity)} and some room")
         self.config_path.write_text(self.config_text())
-        out = run_cmd([*self.cli, "up", "--config", str(self.config_path)], timeout=300)
+        argv = [*self.cli, "up", "--config", str(self.config_path)]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise BenchError("tierswap up: not ready after 300 s") from None
+        except BaseException:
+            # Ctrl-C meanwhile: let `up` finish (ready or failed) rather than kill it, so that
+            # the daemon it started is registered when teardown's `down` looks for it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.communicate(timeout=300)
+            raise
+        if p.returncode != 0:
+            lines = (err or out).strip().splitlines()
+            raise BenchError(f"tierswap up: {lines[-1] if lines else f'exit {p.returncode}'}")
         self.loops = out.split()
 
     def devices(self) -> list[str]:
