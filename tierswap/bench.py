@@ -62,13 +62,13 @@ LAT_SAMPLES = 2000
 SEED = 1
 PHASE_TIMEOUT = 1800.0
 ZRAM_CONTROL = Path("/sys/class/zram-control")
-# metric -> (label, unit, higher is better)
-METRICS: dict[str, tuple[str, str, bool]] = {
-    "fill": ("fill (swap-out)", "MB/s", True),
-    "seq": ("sequential verify (swap-in)", "MB/s", True),
-    "rand": ("random verify (swap-in)", "MB/s", True),
-    "compression": ("compression, orig / compressed", "x", True),
-    "p50": ("4 KiB read p50", "µs", False),
+# metric -> (label in the table, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "fill": ("fill MB/s (swap-out)", True),
+    "seq": ("seq verify MB/s (swap-in)", True),
+    "rand": ("rand verify MB/s (swap-in)", True),
+    "compression": ("compression (orig / compressed)", True),
+    "p50": ("4 KiB read p50 µs (lower is better)", False),
 }
 
 
@@ -502,10 +502,9 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     z, t = metrics(doc["backends"].get("zram")), metrics(doc["backends"].get("tierswap"))
     rt = doc.get("ratios") or ratios(doc)
     rows = []
-    for k, (label, unit, higher) in METRICS.items():
+    for k, (label, _higher) in METRICS.items():
         nd = 2 if k == "compression" else 1
-        better = "higher is better" if higher else "lower is better"
-        rows.append((f"{label} ({unit}, {better})", _fmt(z[k], nd), _fmt(t[k], nd),
+        rows.append((label, _fmt(z[k], nd), _fmt(t[k], nd),
                      "-" if rt[k] is None else f"{rt[k]:.2f}x"))
     zb, tb = doc["backends"].get("zram"), doc["backends"].get("tierswap")
     rows.append(("every page verified",

@@ -27,7 +27,7 @@ BENCH = [sys.executable, "-m", "tierswap", "bench"]
 def machine_state() -> dict[str, list[str]]:
     """What a bench run could leave behind."""
     mounts = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()
-              if ln.split()[2].startswith("fuse")]
+              if ln.split()[2].startswith("fuse") and "tierswap-bench-" in ln.split()[1]]
     cgroups = [str(p) for root in (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup"))
                for p in root.glob("tierswap-bench-*")]
     return {
@@ -46,6 +46,8 @@ def machine_state() -> dict[str, list[str]]:
 @pytest.fixture
 def clean_machine():
     skip_without_capabilities()
+    # the previous holder of the machine lock may still be swapping off
+    system.wait_for(lambda: not system.active_swaps(), 120, interval=0.5)
     before = machine_state()
     assert not before["swaps"], (f"swap already active {before['swaps']}: run integration "
                                  "tests under flock /tmp/tierswap-swap.lock")
