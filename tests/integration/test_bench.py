@@ -62,6 +62,7 @@ def test_bench_runs_zram_and_tierswap_and_leaves_nothing(clean_machine, tmp_path
     p = subprocess.run([*BENCH, "--size", "128M", "--out", str(out)], capture_output=True,
                        text=True, timeout=1200, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
+    print(p.stdout)  # the table, for whoever runs this with -s
     doc = json.loads((out / "bench.json").read_text())
     zram_possible = Path("/sys/class/zram-control").exists() or subprocess.run(
         ["modprobe", "--dry-run", "zram"], capture_output=True).returncode == 0
@@ -106,7 +107,7 @@ def test_ctrl_c_during_the_tierswap_run_tears_everything_down(clean_machine, tmp
         time.sleep(1.0)  # the workload is filling, its pages going to tierswap
         assert any("/dev/loop" in s for s in system.active_swaps())
         os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=600)
+        _, rest = proc.communicate(timeout=600)
         err = "".join(seen) + rest
     finally:
         if proc.poll() is None:
