@@ -293,6 +293,15 @@ def cmd_policy(args) -> int:
     return _show(args, req, _request(args, req))
 
 
+def cmd_bench(args) -> int:
+    from tierswap import bench
+
+    try:
+        return bench.main(args)
+    except bench.UsageError as e:
+        raise UsageError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -342,6 +351,12 @@ def build_parser() -> Parser:
     sp = add("policy", cmd_policy, "show or change the tiering policy at runtime")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("settings", nargs="*", metavar="KEY=VALUE")
+    from tierswap.bench import add_arguments as bench_arguments
+
+    help = "run the verifying workload against zram and a private tierswap; compare them"
+    sp = sub.add_parser("bench", help=help, description=help)  # no --config: its own instance
+    bench_arguments(sp)
+    sp.set_defaults(fn=cmd_bench)
     return p
 
 

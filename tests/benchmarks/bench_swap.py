@@ -26,10 +26,8 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import mmap
 import os
 import platform
-import random
 import shutil
 import signal
 import statistics
@@ -45,11 +43,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tierswap.benchlib import (  # noqa: E402
+    PAGE,
+    BenchError,
+    private_config_text,
+    probe_latency,
+    probe_overhead,
+    zram_snapshot,
+)
 from tierswap.cgroup import MemoryCgroup, run_in_cgroup  # noqa: E402
 from tierswap.system import active_swaps  # noqa: E402
 from tierswap.workload import parse_size  # noqa: E402
 
-PAGE = 4096
 RESULTS_DIR = REPO / "bench-results"
 BACKENDS = ("baseline", "zram", "file", "swapfile", "tierswap")
 DEFAULT_ONLY = "baseline,zram,file,swapfile,tierswap"
@@ -64,10 +69,6 @@ TARGETS = {  # metric -> (comparison, threshold, description)
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TS_COMPRESSION = os.environ.get("BENCH_TS_COMPRESSION", "zstd:1")
-
-
-class BenchError(RuntimeError):
-    """A step failed; the message is reported as is."""
 
 
 class Interrupted(BaseException):
@@ -281,90 +282,9 @@ def sum_io(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
-
-
 def median(values: list[Any]) -> Any:
     vals = [v for v in values if isinstance(v, int | float)]
     return statistics.median(vals) if vals else None
-
-
-# ------------------------------------------------------------------------------ latency probe
-
-
-def probe_overhead(samples: int = 2000) -> float:
-    """Median µs of the same timed preadv on /dev/zero: the probe's own syscall+Python cost."""
-    buf = mmap.mmap(-1, PAGE)
-    fd = os.open("/dev/zero", os.O_RDONLY)
-    try:
-        t = []
-        for _ in range(samples):
-            t0 = time.perf_counter_ns()
-            os.preadv(fd, [buf], 0)
-            t.append(time.perf_counter_ns() - t0)
-    finally:
-        os.close(fd)
-        buf.close()
-    return round(pct([x / 1000 for x in t], 50), 2)
-
-
-def probe_latency(targets: list[tuple[str, int]], samples: int, seed: int) -> dict[str, Any]:
-    """QD1 4 KiB O_DIRECT random reads over [page 1, used pages] of each target.
-
-    `targets` is (path, used pages); a target is picked with probability proportional to its
-    used pages. The buffer is an anonymous mmap, hence page aligned as O_DIRECT requires.
-    Reads that return an all-zero page hit slots never written (zero pages are kept in the
-    kernel's swap zero map since 6.12 and never reach the device), so they are also counted.
-    """
-    targets = [(p, u) for p, u in targets if u > 1]
-    if not targets:
-        return {"samples": 0, "note": "no used pages"}
-    rng = random.Random(seed)
-    buf = mmap.mmap(-1, PAGE)
-    zero = bytes(PAGE)
-    fds = [os.open(p, os.O_RDONLY | os.O_DIRECT) for p, _ in targets]
-    total = sum(u for _, u in targets)
-    lat: list[float] = []
-    lat_nz: list[float] = []
-    zeros = 0
-    try:
-        for _ in range(samples):
-            r = rng.randrange(total)
-            k = 0
-            while r >= targets[k][1]:
-                r -= targets[k][1]
-                k += 1
-            page = 1 + rng.randrange(targets[k][1] - 1)
-            t0 = time.perf_counter_ns()
-            n = os.preadv(fds[k], [buf], page * PAGE)
-            us = (time.perf_counter_ns() - t0) / 1000
-            if n != PAGE:
-                raise BenchError(f"short O_DIRECT read from {targets[k][0]}: {n} bytes")
-            lat.append(us)
-            if buf[:] == zero:
-                zeros += 1
-            else:
-                lat_nz.append(us)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        buf.close()
-    return {
-        "samples": len(lat),
-        "targets": [{"path": p, "used_pages": u} for p, u in targets],
-        "p50_us": round(pct(lat, 50), 1),
-        "p90_us": round(pct(lat, 90), 1),
-        "p99_us": round(pct(lat, 99), 1),
-        "mean_us": round(statistics.fmean(lat), 1),
-        "zero_page_reads": zeros,
-        "nonzero_p50_us": round(pct(lat_nz, 50), 1) if lat_nz else None,
-        "nonzero_p99_us": round(pct(lat_nz, 99), 1) if lat_nz else None,
-    }
 
 
 # ------------------------------------------------------------------------------ backends
@@ -468,21 +388,7 @@ class Zram(Backend):
         return {Path(self.dev).name: self.sysdir / "stat"} if self.dev else {}
 
     def snapshot(self) -> dict[str, Any]:
-        f = [int(x) for x in (self.sysdir / "mm_stat").read_text().split()]
-        names = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
-                 "mem_used_max", "same_pages", "pages_compacted", "huge_pages",
-                 "huge_pages_since")
-        mm = dict(zip(names, f, strict=False))
-        orig, compr, used = mm["orig_data_size"], mm["compr_data_size"], mm["mem_used_total"]
-        same = mm.get("same_pages", 0)
-        return {
-            "mm_stat": mm,
-            "stored_pages": orig // PAGE,
-            "compression_ratio": orig / used if used else None,  # the headline definition
-            "ratio_orig_compr": orig / compr if compr else None,
-            # zram counts same-filled pages in orig_data_size; without them:
-            "ratio_excl_same": (orig - same * PAGE) / used if used else None,
-        }
+        return zram_snapshot(self.sysdir)
 
     def config(self) -> dict[str, Any]:
         return {"disksize": self.size, "algorithm": self.algorithm, "device": self.dev}
@@ -604,15 +510,11 @@ class Tierswap(Backend):
 
     def config_text(self) -> str:
         assert self.tmp is not None and self.tier_dir is not None
-        return (
-            f'[daemon]\nstate_dir = "{self.tmp / "state"}"\nrun_dir = "{self.tmp / "run"}"\n\n'
-            f'[device]\nsize = {self.dev_size}\npriority = {PRIORITY}\nshards = {self.shards}\n\n'
-            f'[[tier]]\nname = "ram"\nkind = "memory"\ncapacity = {self.mem_cap}\n'
-            f'compression = "{TS_COMPRESSION}"\n\n'
-            f'[[tier]]\nname = "disk"\nkind = "file"\n'
-            f'path = "{self.tier_dir / "disk.tier"}"\ncapacity = {self.file_cap}\n'
-            f'compression = "zstd:1"\n'
-        )
+        return private_config_text(
+            state_dir=self.tmp / "state", run_dir=self.tmp / "run",
+            tier_file=self.tier_dir / "disk.tier", device_size=self.dev_size,
+            memory_capacity=self.mem_cap, file_capacity=self.file_cap, shards=self.shards,
+            priority=PRIORITY, memory_compression=TS_COMPRESSION)
 
     def setup(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-tierswap-"))
