@@ -352,6 +352,9 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
         path = _abs_path(t["path"], f"{where}.path")
     sizing = ""
     block = kind == "file" and path is not None and is_block_device(path)
+    if kind == "file" and not block and path is not None and path.is_relative_to("/dev"):
+        # never create a tier file among device nodes (a volume not activated yet)
+        raise ConfigError(f"{where}.path: {path} is not a block device (does it exist yet?)")
     if kind == "file" and path is not None:
         capacity, sizing = _file_capacity(where, path, cap_raw, ram, block)
     elif cap_raw == "auto":

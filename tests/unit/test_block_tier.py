@@ -139,7 +139,11 @@ def test_a_mounted_device_is_refused(tmp_path: Path, loop: tuple[str, Path]) -> 
 
 
 def test_not_a_block_device_nor_a_file(tmp_path: Path) -> None:
-    reject(conf(tmp_path, "/dev/null", '"8M"'), "tier[1].path: /dev/null is not a regular file")
+    reject(conf(tmp_path, "/dev/null", '"8M"'), "tier[1].path: /dev/null is not a block device")
+    # a volume that is not there yet: never a tier file created among the device nodes
+    reject(conf(tmp_path, "/dev/vg-absent/lv", '"8M"'),
+           "tier[1].path: /dev/vg-absent/lv is not a block device (does it exist yet?)")
+    reject(conf(tmp_path, str(tmp_path), '"8M"'), f"tier[1].path: {tmp_path} is not a regular file")
 
 
 def tier_config(tmp: Path, dev: str, shards: int) -> Config:

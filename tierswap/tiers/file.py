@@ -1,4 +1,5 @@
-"""Tier `file`: compressed pages in a preallocated file on local storage, written with O_DIRECT.
+"""Tier `file`: compressed pages in a preallocated file on local storage (or on a block device,
+which is never truncated nor preallocated: tierswap.blockdev), written with O_DIRECT.
 
 O_DIRECT keeps swapped pages out of the page cache (caching them would defeat swapping) and
 means writeback needs no page cache allocation under memory pressure. I/O goes through a
