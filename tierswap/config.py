@@ -3,7 +3,7 @@
 Sizes are numbers with units or expressions of RAM (tierswap.sizeexpr); drop-in files
 ``<config>.d/*.toml`` are merged over the file (tierswap.dropins); a file tier's path may be a
 block device (tierswap.blockdev). "auto" on a file tier reuses an existing tier file's size,
-so that it does not shrink by the room the file itself takes (see `_file_capacity`).
+so that it does not shrink by the room the file itself takes (tierswap.tierfiles).
 
 Every problem is a `ConfigError` whose text names the file and the key
 (``/etc/tierswap/tierswap.toml: tier[1].path: ...``) so the CLI can print it as one line.
@@ -44,8 +44,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tierswap import dropins, sizeexpr
-from tierswap.blockdev import device_size, in_use, is_block_device
+from tierswap import dropins, sizeexpr, tierfiles
+from tierswap.blockdev import is_block_device
 from tierswap.errors import ConfigError
 
 PAGE_SIZE = 4096
@@ -356,7 +356,7 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
         # never create a tier file among device nodes (a volume not activated yet)
         raise ConfigError(f"{where}.path: {path} is not a block device (does it exist yet?)")
     if kind == "file" and path is not None:
-        capacity, sizing = _file_capacity(where, path, cap_raw, ram, block)
+        capacity, sizing = tierfiles.file_capacity(where, path, cap_raw, ram, block)
     elif cap_raw == "auto":
         if kind == "memory":
             capacity, sizing = min(ram // 4, 4 << 30), "auto: min(RAM / 4, 4G)"
@@ -383,7 +383,7 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
         raise ConfigError(f"{where}.overwrite: expected true or false, got {overwrite!r}")
     if kind == "file" and check_fs and block:
         assert path is not None
-        check_tier_device(path, where, overwrite)
+        tierfiles.check_tier_device(path, where, overwrite)
     elif kind == "file" and check_fs:
         assert path is not None
         check_tier_file(path, where, overwrite)
@@ -427,56 +427,6 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
     return TierConfig(name, kind, capacity, comp, path, encrypt, targets, replicas, tls_ca,
                       overwrite, erasure, repair_rate, recompress, recompress_after, block,
                       sizing)
-
-
-def _file_capacity(where: str, path: Path, cap_raw: Any, ram: int,
-                   block: bool) -> tuple[int, str]:
-    """Capacity of a file tier, and how it was found (said by check-config and at start).
-
-    "auto" on a file must give the same answer at every start on one machine: an existing
-    tier file of ours is reused at its size while that is within the bound, because the
-    free room it would be computed from is the room the file already takes (issue 11). A
-    new file gets a conservative size (AUTO_FILE_MAX at most), never most of the disk."""
-    key = f"{where}.capacity"
-    if block:
-        from tierswap.tiers.file import HEADER
-
-        try:
-            room = device_size(path) - HEADER
-        except OSError as e:
-            raise ConfigError(f"{where}.path: cannot read the size of {path}: "
-                              f"{e.strerror}") from None
-        if cap_raw == "auto":
-            return room, f"auto: the whole block device {path}"
-        capacity = parse_size(cap_raw, key)
-        if capacity > room:
-            raise ConfigError(f"{key}: {format_size(capacity)} exceeds the block device {path} "
-                              f"({format_size(room)} after the 4K tier header)")
-        return capacity, ""
-    if cap_raw != "auto":
-        return parse_size(cap_raw, key), ""
-    bound = min(ram // 2, AUTO_FILE_MAX)
-    mark, own = _existing_tier_file(path)
-    if mark is not None and (4 << 20) <= mark.capacity <= bound:
-        return mark.capacity, "auto: the size of the existing tier file"
-    capacity = min(bound, (fs_free(path.parent) + own) // 4)
-    how = "auto: min(RAM / 2, 8G, a quarter of the free room)"
-    if mark is not None:
-        how += f"; the existing tier file ({format_size(mark.capacity)}) is resized"
-    return capacity, how
-
-
-def _existing_tier_file(path: Path) -> tuple[Any, int]:
-    """(its tier-file header or None, bytes it takes on disk) of a regular file at `path`."""
-    from tierswap.tiers.file import read_mark
-
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None, 0
-        return read_mark(path), st.st_blocks * 512
-    except OSError:
-        return None, 0
 
 
 def _parse_erasure(value: Any, key: str, ntargets: int) -> tuple[int, int]:
@@ -707,25 +657,6 @@ def check_tier_file(path: Path, where: str, overwrite: bool) -> None:
     if not marked:
         raise ConfigError(f"{where}.path: {path} exists and is not a tier file tierswap made; "
                           f"refusing to overwrite it (set {where}.overwrite = true to allow that)")
-
-
-def check_tier_device(path: Path, where: str, overwrite: bool) -> None:
-    """A block device as a file tier: not in use by anything else (mounted, swap, held by
-    device mapper or RAID, nor any partition of it), and either with tierswap's tier header
-    or with ``overwrite = true``: a partition's content is never replaced unasked."""
-    from tierswap.tiers.file import read_mark  # deferred: only file tiers need it
-
-    try:
-        why = in_use(path)
-        marked = why is None and read_mark(path, follow=True) is not None
-    except OSError as e:
-        raise ConfigError(f"{where}.path: cannot check {path}: {e.strerror}") from None
-    if why is not None:
-        raise ConfigError(f"{where}.path: block device {path} is not free: {why}")
-    if not marked and not overwrite:
-        raise ConfigError(f"{where}.path: block device {path} has no tierswap tier header; "
-                          f"refusing to overwrite it (set {where}.overwrite = true to allow "
-                          f"that)")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tierswap import config as C
+from tierswap import tierfiles
 from tierswap.config import ConfigError, format_size, load_config, parse_config, parse_size
 from tierswap.layout import Layout
 
@@ -408,7 +409,7 @@ def test_auto_not_for_remote(tmp_path: Path) -> None:
 def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(C, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     monkeypatch.setattr(C, "machine_ram", lambda: 8 * GIB)
-    monkeypatch.setattr(C, "_existing_tier_file", lambda p: (None, 0))  # not this machine's
+    monkeypatch.setattr(tierfiles, "existing_tier_file", lambda p: (None, 0))  # not this machine's
     cfg = load_config(check_fs=False)
     assert cfg.source == "<embedded default>"
     assert cfg.size == 8 * GIB
