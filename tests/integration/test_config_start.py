@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import cli, leftovers, stop
+from tests.integration.harness import cli, config_text, leftovers, start, stop
 from tests.integration.test_swap import finish, wait_held, workload
 from tierswap import config as C
 from tierswap.cgroup import MemoryCgroup
@@ -177,3 +177,28 @@ def test_block_device_in_use_as_swap_is_refused(base, loop_device):
         assert not (base / "run" / "tierswap.pid").exists()
     finally:
         subprocess.run(["swapoff", dev], check=False)
+
+
+def test_swapon_options_discard_once_sends_no_page_discards(base):
+    """With "discard=once" the kernel discards the device at swapon only: the slots of a
+    workload that exits stay stored (with the default "discard" they are freed, see
+    test_swap.test_workload_swaps_through_both_tiers_and_discard_frees_slots)."""
+    text = config_text(base, size="1G", ram="16M", disk="1G").replace(
+        "priority = 100", 'priority = 100\nswapon_options = "discard=once"')
+    inst = start(base, text)
+    try:
+        hold = base / "hold"
+        with (MemoryCgroup.create(f"tierswap-once-{os.getpid()}", 96 * MiB) as cg,
+              workload(cg, "256M", 43, hold) as proc):
+            wait_held(proc, hold)
+            st = inst.status()
+            stored, discards = st["pages"]["stored"], st["io"]["discards"]
+            assert stored > 10000, st
+            hold.unlink()
+            finish(proc)
+        time.sleep(3)  # what a page discard would have done by now (the default: < 1 s)
+        st = inst.status()
+        assert st["io"]["discards"] == discards, st["io"]
+        assert st["pages"]["stored"] >= stored * 0.9, st["pages"]
+    finally:
+        stop(base, inst.config)
