@@ -140,18 +140,18 @@ def test_block_device_tier_swaps_verifies_and_trims(base, loop_device):
               workload(cg, "256M", 41, hold) as proc):
             wait_held(proc, hold)
             st = status(cfg)
-            assert st["tiers"][1]["pages"] > 10000, st["tiers"][1]
+            assert st["tiers"][1]["pages"] > 5000, st["tiers"][1]
             peak = st["pages"]["stored"]
             os.sync()
             used = backing.stat().st_blocks * 512
-            assert used > 64 * MiB  # the pages are on the device, so in its backing file
+            assert used > 16 * MiB  # the pages are on the device, so in its backing file
             hold.unlink()
             finish(proc)  # every page read back from the device verifies
         # the workload is gone: the kernel discards its slots, the tier's segments come free
         wait_status(cfg, lambda s: s["pages"]["stored"] <= max(64, peak // 100))
         os.sync()
         before = backing.stat().st_blocks * 512
-        assert before > used - 16 * MiB  # freed in the map, still written on the device
+        assert before > used - 4 * MiB  # freed in the map, still written on the device
         out = cli("compact", "disk", config=cfg).stdout
         os.sync()
         after = backing.stat().st_blocks * 512
@@ -193,7 +193,7 @@ def test_swapon_options_discard_once_sends_no_page_discards(base):
             wait_held(proc, hold)
             st = inst.status()
             stored, discards = st["pages"]["stored"], st["io"]["discards"]
-            assert stored > 10000, st
+            assert stored > 2000, st["pages"]
             hold.unlink()
             finish(proc)
         time.sleep(3)  # what a page discard would have done by now (the default: < 1 s)
