@@ -212,6 +212,10 @@ def cmd_check_config(args) -> int:
     config = _config(args)
     print(f"{config.source}: ok: {format_size(config.size)} virtual, {config.shards} shard(s), "
           + ", ".join(f"{t.name} ({t.kind}, {format_size(t.capacity)})" for t in config.tiers))
+    for t in config.tiers:
+        if t.sizing:  # derived, not given: say how (a file tier's is preallocated at start)
+            print(f"tier {t.name}: {format_size(t.capacity)}, {t.sizing}")
+    print("read: " + ", ".join(config.sources or (config.source,)))
     return 0
 
 

@@ -1,5 +1,10 @@
 """TOML configuration: parse, derive "auto" sizes, validate before anything is touched.
 
+Sizes are numbers with units or expressions of RAM (tierswap.sizeexpr); drop-in files
+``<config>.d/*.toml`` are merged over the file (tierswap.dropins); a file tier's path may be a
+block device (tierswap.blockdev). "auto" on a file tier reuses an existing tier file's size,
+so that it does not shrink by the room the file itself takes (tierswap.tierfiles).
+
 Every problem is a `ConfigError` whose text names the file and the key
 (``/etc/tierswap/tierswap.toml: tier[1].path: ...``) so the CLI can print it as one line.
 Nothing here mounts, creates or starts anything; `check-config` and `up` share this code so
@@ -13,9 +18,11 @@ What is refused, and why (docs/configuration.md has the operator's view):
 * two tiers on one thing: file paths compared after normalisation (and by inode when they
   exist), NBD exports compared as normalised (host, port, export), within and across tiers.
 * a file-tier path that tierswap uses otherwise (anything under run_dir or a shard's
-  directory under state_dir, the config file itself), that is not a regular file, or that
-  exists without tierswap's tier-file header (tierswap.tiers.file) unless the tier says
-  ``overwrite = true``: an operator's file is never truncated, overwritten or chmod'ed.
+  directory under state_dir, the config file itself), that is neither a regular file nor a
+  block device, or that exists without tierswap's tier-file header (tierswap.tiers.file)
+  unless the tier says ``overwrite = true``: an operator's file is never truncated,
+  overwritten or chmod'ed; a block device that is mounted, active swap or held by another
+  device (nor any of its partitions).
 * a shared directory as run_dir or state_dir: system directories (/, /tmp, /run, ...), home
   directories, a directory not owned by root (or us) or writable by group or others, or,
   when it does not exist yet, one whose nearest existing parent is writable by others; and a
@@ -37,6 +44,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tierswap import dropins, sizeexpr, tierfiles
+from tierswap.blockdev import is_block_device
 from tierswap.errors import ConfigError
 
 PAGE_SIZE = 4096
@@ -56,11 +65,13 @@ SEAL_BYTES_PER_BLOCK = 24  # nonce counter and tag per 4 KiB block of a sealed t
 # the policy lock; above the maximum the limit means nothing.
 MIN_POLICY_RATE = 1 << 20
 MAX_POLICY_RATE = 1 << 40
+AUTO_FILE_MAX = 8 << 30  # "auto" on a new tier file: min(RAM / 2, this, free room / 4)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
 def parse_size(value: Any, key: str) -> int:
-    """Bytes from an int or a string such as "512M", "1.5G", "4096" (1024-based units)."""
+    """Bytes from an int or a string such as "512M", "1.5G", "4096" (1024-based units), or
+    an expression of RAM such as "min(ram / 2, 4G)" (tierswap.sizeexpr)."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size such as \"2G\", got {value!r}")
     if isinstance(value, int):
@@ -69,6 +80,14 @@ def parse_size(value: Any, key: str) -> int:
         if len(m.group(1)) > MAX_SIZE_DIGITS:
             raise ConfigError(f"{key}: too large ({len(m.group(1))} digits)")
         n = int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])  # exact, no float overflow
+    elif isinstance(value, str) and value != "auto" and sizeexpr.looks_like_expression(value):
+        try:
+            n = sizeexpr.evaluate(value, {"ram": machine_ram})
+        except ValueError as e:
+            raise ConfigError(f"{key}: expected a size such as \"2G\" or \"min(ram / 2, 4G)\", "
+                              f"got {value[:60]!r}: {e}") from None
+        if n <= 0:
+            raise ConfigError(f"{key}: size must be positive, {value!r} is {n} bytes here")
     else:
         raise ConfigError(f"{key}: expected a size such as \"2G\", got {str(value)[:40]!r}")
     if n <= 0:
@@ -76,6 +95,32 @@ def parse_size(value: Any, key: str) -> int:
     if n > MAX_SIZE:
         raise ConfigError(f"{key}: too large (at most {format_size(MAX_SIZE)})")
     return n
+
+
+# device.swapon_options: the discard policy, in the words of fstab / swapon(8)
+SWAPON_DISCARD = {"discard": "--discard", "discard=once": "--discard=once",
+                  "discard=pages": "--discard=pages"}
+
+
+def parse_swapon_options(value: Any, key: str) -> tuple[str, ...]:
+    """swapon(8) flags from "discard", "discard=once", "discard=pages" or "" (none).
+
+    Only the discard policy is an option here: the priority is device.priority, and the
+    other swapon options (nofail, noauto) are fstab's, not a running device's."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string such as \"discard\", got {value!r}")
+    opts = [o.strip() for o in value.split(",") if o.strip()]
+    if opts in ([], ["none"]):
+        return ()
+    for o in opts:
+        if o.startswith("pri="):
+            raise ConfigError(f"{key}: {o!r}: the priority is device.priority")
+        if o not in SWAPON_DISCARD:
+            raise ConfigError(f"{key}: unknown option {o[:40]!r} (use \"discard\", "
+                              f"\"discard=once\", \"discard=pages\" or \"\" for none)")
+    if len(opts) > 1:
+        raise ConfigError(f"{key}: give one discard policy, got {value!r}")
+    return (SWAPON_DISCARD[opts[0]],)
 
 
 def format_size(n: float) -> str:
@@ -146,6 +191,8 @@ class TierConfig:
     # pages moved into the tier are recompressed on the way (None: keep bytes as stored)
     recompress: Compression | None = None
     recompress_after: float = 30.0
+    block: bool = False  # file tier: `path` is a block device (tierswap.blockdev)
+    sizing: str = ""  # how the capacity was derived when not given as a size ("auto: ...")
 
 
 @dataclass(frozen=True)
@@ -178,6 +225,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<default>"
     allow_unlocked_memory: bool = False  # serve even when mlockall fails (tierswap.hardening)
+    swapon_flags: tuple[str, ...] = ("--discard",)  # from device.swapon_options
+    sources: tuple[str, ...] = ()  # every file read, in order: the config, then its drop-ins
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:
@@ -301,12 +350,16 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
         if "path" not in t:
             raise ConfigError(f"{where}.path: missing (a file tier needs a path)")
         path = _abs_path(t["path"], f"{where}.path")
-    if cap_raw == "auto":
+    sizing = ""
+    block = kind == "file" and path is not None and is_block_device(path)
+    if kind == "file" and not block and path is not None and path.is_relative_to("/dev"):
+        # never create a tier file among device nodes (a volume not activated yet)
+        raise ConfigError(f"{where}.path: {path} is not a block device (does it exist yet?)")
+    if kind == "file" and path is not None:
+        capacity, sizing = tierfiles.file_capacity(where, path, cap_raw, ram, block)
+    elif cap_raw == "auto":
         if kind == "memory":
-            capacity = min(ram // 4, 4 << 30)
-        elif kind == "file":
-            assert path is not None
-            capacity = min(ram, fs_free(path.parent) // 4)
+            capacity, sizing = min(ram // 4, 4 << 30), "auto: min(RAM / 4, 4G)"
         else:
             raise ConfigError(f"{where}.capacity: \"auto\" is not available for a remote tier")
     else:
@@ -328,7 +381,10 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
     overwrite = t.get("overwrite", False)
     if not isinstance(overwrite, bool):
         raise ConfigError(f"{where}.overwrite: expected true or false, got {overwrite!r}")
-    if kind == "file" and check_fs:
+    if kind == "file" and check_fs and block:
+        assert path is not None
+        tierfiles.check_tier_device(path, where, overwrite)
+    elif kind == "file" and check_fs:
         assert path is not None
         check_tier_file(path, where, overwrite)
         have = fs_free(path.parent) + (path.stat().st_size if path.exists() else 0)
@@ -369,7 +425,8 @@ def _parse_tier(i: int, t: Any, ram: int, state_dir: Path, check_fs: bool) -> Ti
     recompress_after = _float(t.get("recompress_after", 30.0), f"{where}.recompress_after", 0.0,
                               30 * 86400.0)
     return TierConfig(name, kind, capacity, comp, path, encrypt, targets, replicas, tls_ca,
-                      overwrite, erasure, repair_rate, recompress, recompress_after)
+                      overwrite, erasure, repair_rate, recompress, recompress_after, block,
+                      sizing)
 
 
 def _parse_erasure(value: Any, key: str, ntargets: int) -> tuple[int, int]:
@@ -399,10 +456,17 @@ def parse_config(text: str, source: str = "<string>", *, check_fs: bool = True) 
 
 
 def _parse_config(text: str, source: str, check_fs: bool) -> Config:
+    return _parse_document(_toml(text, source), source, check_fs)
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
+def _parse_document(doc: dict[str, Any], source: str, check_fs: bool) -> Config:
     _check_keys(doc, {"daemon", "device", "tier", "policy", "metrics"}, "")
     ram = machine_ram()
 
@@ -423,7 +487,7 @@ def _parse_config(text: str, source: str, check_fs: bool) -> Config:
                           f"got {allow_unlocked!r}")
 
     device = _table(doc, "device")
-    _check_keys(device, {"size", "priority", "shards"}, "device")
+    _check_keys(device, {"size", "priority", "shards", "swapon_options"}, "device")
     shards_raw = device.get("shards", 1)
     if shards_raw == "auto":
         shards = max(1, min(os.cpu_count() or 1, 4))
@@ -432,7 +496,8 @@ def _parse_config(text: str, source: str, check_fs: bool) -> Config:
     size_raw = device.get("size", "auto")
     size = ram if size_raw == "auto" else parse_size(size_raw, "device.size")
     unit = PAGE_SIZE * shards
-    if size_raw == "auto":
+    derived = isinstance(size_raw, str) and (size_raw == "auto" or not _SIZE_RE.match(size_raw))
+    if derived:  # "auto" and expressions of RAM: nobody can name a multiple
         size -= size % unit
     elif size % unit:
         raise ConfigError(
@@ -450,6 +515,8 @@ def _parse_config(text: str, source: str, check_fs: bool) -> Config:
         raise ConfigError(f"device.size: {format_size(size // shards)} per shard exceeds one swap "
                           f"area ({format_size(MAX_SWAP_PAGES * PAGE_SIZE)}); use more shards")
     priority = _int(device.get("priority", 100), "device.priority", -1, 32767)
+    swapon_flags = parse_swapon_options(device.get("swapon_options", "discard"),
+                                        "device.swapon_options")
 
     raw_tiers = doc.get("tier")
     if raw_tiers is None:
@@ -494,6 +561,7 @@ def _parse_config(text: str, source: str, check_fs: bool) -> Config:
         metrics=MetricsConfig(textfile, listen, interval),
         source=source,
         allow_unlocked_memory=allow_unlocked,
+        swapon_flags=swapon_flags,
     )
 
 
@@ -596,6 +664,8 @@ def _same_file(a: Path, b: Path) -> bool:
         sa, sb = os.stat(a), os.stat(b)
     except OSError:
         return False
+    if stat.S_ISBLK(sa.st_mode) and stat.S_ISBLK(sb.st_mode):
+        return sa.st_rdev == sb.st_rdev  # two nodes (or links) of one device
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
@@ -678,16 +748,39 @@ def default_config_text() -> str:
 
 
 def load_config(path: Path | str | None = None, *, check_fs: bool = True) -> Config:
-    """Load `path`, or the default path, or (when that does not exist) the embedded default."""
+    """Load `path`, or the default path, or (when that does not exist) the embedded default;
+    then the drop-ins of `<path>.d/` over it (tierswap.dropins; the default path's drop-ins
+    also apply over the embedded default)."""
     if path is None:
         if not DEFAULT_CONFIG_PATH.exists():
-            return parse_config(default_config_text(), "<embedded default>", check_fs=check_fs)
-        path = DEFAULT_CONFIG_PATH
-    path = Path(path)
+            source, text = "<embedded default>", default_config_text()
+        else:
+            source, text = str(DEFAULT_CONFIG_PATH), _read(DEFAULT_CONFIG_PATH)
+        dropdir = Path(f"{DEFAULT_CONFIG_PATH}.d")
+    else:
+        source, text = str(path), _read(Path(path))
+        dropdir = Path(f"{path}.d")
+    doc = _toml(text, source)
+    origins: dict[str, str] = {}
+    sources = [source]
+    for f in dropins.files(dropdir):
+        dropins.merge(doc, _toml(_read(f), str(f)), str(f), origins)
+        sources.append(str(f))
     try:
-        text = path.read_text()
+        cfg = _parse_document(doc, source, check_fs)
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith(f"{source}: "):
+            raise
+        raise ConfigError(f"{dropins.origin_of(msg, origins) or source}: {msg}") from None
+    return dataclasses.replace(cfg, sources=tuple(sources))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
-    return parse_config(text, str(path), check_fs=check_fs)
+

@@ -184,10 +184,12 @@ class Supervisor:
             if t.kind == "file":
                 assert t.path is not None
                 try:
-                    prepare_file(t.path, t.capacity, overwrite=t.overwrite)
+                    done = prepare_file(t.path, t.capacity, overwrite=t.overwrite,
+                                        block=t.block)
                 except OSError as e:
                     msg = f"tier {t.name}: cannot prepare {t.path}: {e.strerror}"
                     raise StartError(msg) from None
+                log.info("tier %s: %s%s", t.name, done, f" ({t.sizing})" if t.sizing else "")
 
     async def _spawn(self, slot: ShardSlot) -> None:
         """Start shard `slot.index` (with its kit, once there is one) and watch its process."""
@@ -241,7 +243,8 @@ class Supervisor:
             slot.backing = system.mount_device(str(slot.paths.mountpoint))
             self._write_state()
             await trio.to_thread.run_sync(system.mkswap, slot.device)
-            await trio.to_thread.run_sync(system.swapon, slot.device, cfg.priority)
+            await trio.to_thread.run_sync(system.swapon, slot.device, cfg.priority,
+                                        cfg.swapon_flags)
         self.active = True
         self._write_state()
         self._write_session()

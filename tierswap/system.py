@@ -80,8 +80,9 @@ def mkswap(dev: str) -> None:
     run(["mkswap", "--label", "tierswap", dev])
 
 
-def swapon(dev: str, priority: int) -> None:
-    run(["swapon", "--discard", "--priority", str(priority), dev])
+def swapon(dev: str, priority: int, flags: tuple[str, ...] = ("--discard",)) -> None:
+    """`flags` come from device.swapon_options (config.parse_swapon_options)."""
+    run(["swapon", *flags, "--priority", str(priority), dev])
 
 
 def active_swaps() -> dict[str, dict[str, int]]:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tierswap import config as C
+from tierswap import tierfiles
 from tierswap.config import ConfigError, format_size, load_config, parse_config, parse_size
 from tierswap.layout import Layout
 
@@ -169,12 +170,12 @@ def test_unknown_key_in_tier(tmp_path: Path) -> None:
     reject(make(tmp_path, tiers=tiers), "tier[1].colour: unknown key")
 
 
-@pytest.mark.parametrize("size", ['"12X"', '"lots"', '""', "true", "1.5", '"-4M"'])
+@pytest.mark.parametrize("size", ['"12X"', '"lots"', '""', "true", "1.5", '"4M * "'])
 def test_bad_device_size(tmp_path: Path, size: str) -> None:
     reject(make(tmp_path, device=f"size = {size}"), "device.size:", "expected a size")
 
 
-@pytest.mark.parametrize("size", ["0", "-4096", '"0M"'])
+@pytest.mark.parametrize("size", ["0", "-4096", '"0M"', '"-4M"', '"ram - ram"'])
 def test_non_positive_device_size(tmp_path: Path, size: str) -> None:
     reject(make(tmp_path, device=f"size = {size}"), "device.size:", "positive")
 
@@ -388,14 +389,16 @@ def test_auto_sizes_follow_machine_ram(tmp_path: Path, monkeypatch: pytest.Monke
     cfg = parse_config(text, check_fs=False)
     assert cfg.size == 8 * GIB + 8192  # rounded down to 4 KiB x 2 shards
     assert cfg.tier("ram").capacity == 2 * GIB  # RAM / 4
-    assert cfg.tier("disk").capacity == 8 * GIB  # min(RAM, free / 4 = 100G)
+    assert cfg.tier("disk").capacity == 4 * GIB  # min(RAM / 2, 8G, free / 4 = 100G)
 
     monkeypatch.setattr(C, "machine_ram", lambda: 64 * GIB)
-    monkeypatch.setattr(C, "fs_free", lambda p: 40 * GIB + 3)
+    monkeypatch.setattr(C, "fs_free", lambda p: 20 * GIB + 3)
     cfg = parse_config(text, check_fs=False)
     assert cfg.size == 64 * GIB
     assert cfg.tier("ram").capacity == 4 * GIB  # capped at 4G
-    assert cfg.tier("disk").capacity == 10 * GIB  # a quarter of the free room, whole MiB
+    assert cfg.tier("disk").capacity == 5 * GIB  # a quarter of the free room, whole MiB
+    monkeypatch.setattr(C, "fs_free", lambda p: 400 * GIB)
+    assert parse_config(text, check_fs=False).tier("disk").capacity == 8 * GIB  # at most 8G
 
 
 def test_auto_not_for_remote(tmp_path: Path) -> None:
@@ -406,13 +409,14 @@ def test_auto_not_for_remote(tmp_path: Path) -> None:
 def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(C, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     monkeypatch.setattr(C, "machine_ram", lambda: 8 * GIB)
+    monkeypatch.setattr(tierfiles, "existing_tier_file", lambda p: (None, 0))  # not this machine's
     cfg = load_config(check_fs=False)
     assert cfg.source == "<embedded default>"
     assert cfg.size == 8 * GIB
     assert 1 <= cfg.shards <= 4
     assert [(t.name, t.kind) for t in cfg.tiers] == [("ram", "memory"), ("disk", "file")]
     assert cfg.tier("ram").capacity == 2 * GIB
-    assert cfg.tier("disk").capacity == 8 * GIB
+    assert cfg.tier("disk").capacity == 4 * GIB  # RAM / 2: conservative
     assert cfg.run_dir == Path("/run/tierswap")
     # the embedded text is the packaged default.toml
     assert C.default_config_text() == (Path(C.__file__).parent / "default.toml").read_text()

@@ -1,4 +1,5 @@
-"""Tier `file`: compressed pages in a preallocated file on local storage, written with O_DIRECT.
+"""Tier `file`: compressed pages in a preallocated file on local storage (or on a block device,
+which is never truncated nor preallocated: tierswap.blockdev), written with O_DIRECT.
 
 O_DIRECT keeps swapped pages out of the page cache (caching them would defeat swapping) and
 means writeback needs no page cache allocation under memory pressure. I/O goes through a
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from tierswap.config import Config, TierConfig, make_private_dir
+from tierswap.config import Config, TierConfig, format_size, make_private_dir
 from tierswap.hardening import dontdump
 from tierswap.kit import KitError
 from tierswap.tiers.base import SEG_SIZE, Store, TierError, shard_capacity
@@ -111,22 +112,26 @@ def _parse_mark(block: bytes) -> TierMark | None:
     return TierMark(ident, capacity, created)
 
 
-def read_mark(path: Path) -> TierMark | None:
-    """The tier-file header of `path`, or None when it has none (not a tier file of ours)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def read_mark(path: Path, *, follow: bool = False) -> TierMark | None:
+    """The tier-file header of `path`, or None when it has none (not a tier file of ours).
+    `follow`: for a block device, whose path (/dev/VG/LV) is often a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     try:
         return _parse_mark(os.pread(fd, HEADER, 0))
     finally:
         os.close(fd)
 
 
-def prepare_file(path: Path, size: int, *, overwrite: bool = False) -> None:
+def prepare_file(path: Path, size: int, *, overwrite: bool = False, block: bool = False) -> str:
     """Create or resize and preallocate the tier file, `size` bytes of tier data after the
-    header (called once by the supervisor).
+    header (called once by the supervisor); returns what was done, for the log.
 
     An existing file is used only if it is a regular file with our header, or if `overwrite`
     (the tier's ``overwrite = true``) says the operator wants it replaced; a symlink is
-    never followed. Nothing is changed before that is decided."""
+    never followed. Nothing is changed before that is decided. A block device (`block`) is
+    never truncated or preallocated: only its header is written (`prepare_device`)."""
+    if block:
+        return prepare_device(path, size, overwrite=overwrite)
     make_private_dir(path.parent)
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -148,6 +153,7 @@ def prepare_file(path: Path, size: int, *, overwrite: bool = False) -> None:
             if mark is None and not overwrite:
                 raise NotATierFile(path, "exists and is not a tier file tierswap made "
                                          "(the tier's overwrite = true allows replacing it)")
+        old_size = os.fstat(fd).st_size
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, HEADER + size)
         os.posix_fallocate(fd, 0, HEADER + size)
@@ -157,12 +163,54 @@ def prepare_file(path: Path, size: int, *, overwrite: bool = False) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+    if created:
+        return f"created {path} and preallocated {format_size(size)}"
+    if mark is None:
+        return f"replaced {path}, not a tier file (overwrite = true): {format_size(size)}"
+    if old_size == HEADER + size and mark.capacity == size:
+        return f"reusing the existing tier file {path} ({format_size(size)})"
+    return (f"resized the tier file {path} from {format_size(max(0, old_size - HEADER))} "
+            f"to {format_size(size)}")
+
+
+def prepare_device(path: Path, size: int, *, overwrite: bool = False) -> str:
+    """Check a block device tier and write its header; nothing else is written.
+
+    Opened with O_EXCL: the kernel refuses it while mounted, active as swap or held by
+    device mapper; `tierswap.blockdev.in_use` also checks its partitions."""
+    from tierswap.blockdev import fd_size, in_use
+
+    why = in_use(path)
+    if why is not None:
+        raise OSError(errno.EBUSY, f"block device is not free: {why}")
+    fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            raise NotATierFile(path, "is no longer a block device")
+        have = fd_size(fd)
+        if have < HEADER + size:
+            raise OSError(errno.ENOSPC, f"the device holds {format_size(have)}, less than "
+                                        f"{format_size(HEADER + size)}")
+        mark = _parse_mark(os.pread(fd, HEADER, 0))
+        if mark is None and not overwrite:
+            raise NotATierFile(path, "has no tierswap tier header (the tier's overwrite = "
+                                     "true allows using it)")
+        new = TierMark(mark.id if mark else os.urandom(16), size,
+                       mark.created if mark else int(time.time()))
+        os.pwrite(fd, _pack_mark(new), 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    if mark is None:
+        return f"took the block device {path} (overwrite = true): {format_size(size)}"
+    return f"reusing the block device {path} ({format_size(size)} of {format_size(have)})"
 
 
 class FileTier(Store):
     kind = "file"
     align = ALIGN
     sealer: BlockSealer | None = None  # when the config says encrypt = true
+    discards = True  # a block device that can discard or write zeroes (blockdev.can_discard)
 
     def __init__(self, cfg: TierConfig, index: int, capacity: int, fd: int, origin: int) -> None:
         super().__init__(cfg, index, capacity)
@@ -184,19 +232,35 @@ class FileTier(Store):
         assert cfg.path is not None
         share = shard_capacity(cfg, config)
         try:
-            if read_mark(cfg.path) is None:
+            if read_mark(cfg.path, follow=cfg.block) is None:
                 raise TierError(errno.EINVAL, f"tier {cfg.name}: {cfg.path} is not a tier file "
                                               "tierswap made")
-            fd = os.open(cfg.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+            nofollow = 0 if cfg.block else os.O_NOFOLLOW
+            fd = os.open(cfg.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | nofollow)
         except OSError as e:
             if isinstance(e, TierError):
                 raise
             msg = f"tier {cfg.name}: cannot open {cfg.path}: {e.strerror}"
             raise TierError(e.errno or errno.EIO, msg) from None
-        if os.fstat(fd).st_size < HEADER + (shard + 1) * share:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISBLK(mode) != cfg.block:
+            os.close(fd)
+            raise TierError(errno.EINVAL, f"tier {cfg.name}: {cfg.path} changed between a "
+                                          "file and a block device")
+        if cfg.block:
+            from tierswap.blockdev import fd_size
+
+            have = fd_size(fd)
+        else:
+            have = os.fstat(fd).st_size
+        if have < HEADER + (shard + 1) * share:
             os.close(fd)
             raise TierError(errno.ENOSPC, f"tier {cfg.name}: {cfg.path} is smaller than configured")
         tier = cls(cfg, index, share, fd, HEADER + shard * share)
+        if cfg.block:
+            from tierswap.blockdev import can_discard
+
+            tier.discards = can_discard(fd)
         try:
             served = kit is not None and kit.has(f"life.{index}")  # by a process now dead
             if served and kit is not None and cfg.encrypt != kit.has(f"secrets.{index}"):
@@ -271,6 +335,12 @@ class FileTier(Store):
         return await self._io(work)
 
     async def trim(self, base: int, length: int) -> None:
+        if self.cfg.block:
+            from tierswap.blockdev import discard
+
+            if self.discards:  # else nothing to give back: the device keeps its size
+                await trio.to_thread.run_sync(discard, self.fd, self.origin + base, length)
+            return
         await trio.to_thread.run_sync(punch_hole, self.fd, self.origin + base, length)
 
     async def aclose(self) -> None:
@@ -282,10 +352,9 @@ class FileTier(Store):
 
     def extra_statistics(self) -> dict[str, object]:
         st = os.fstat(self.fd) if self.fd >= 0 else None
-        extra: dict[str, object] = {
-            "path": str(self.cfg.path),
-            "file_allocated_bytes": st.st_blocks * 512 if st else 0,
-        }
+        extra: dict[str, object] = {"path": str(self.cfg.path)}
+        if not self.cfg.block:  # a device's st_blocks says nothing about what it holds
+            extra["file_allocated_bytes"] = st.st_blocks * 512 if st else 0
         if self.sealer is not None:
             extra["auth_failures"] = self.sealer.auth_failures
         return extra
