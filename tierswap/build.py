@@ -4,12 +4,13 @@
 before it touches anything, so that an installation with the plain PyPI pyfuse3 refuses in one
 line instead of starting.
 
-Why the pyfuse3 build matters: the build that .ci/setup and .ci/install make from the pinned
-sdist carries our patches (docs/pyfuse3-fallocate.md). Its local version label
-(``3.5.0+tierswap.p<hash>``) names them, and the fallocate patch adds
-``pyfuse3.Operations.fallocate``, which is what is tested here: the label alone could be
-copied onto any build, the method is the patch itself. tierswap is only tested with the
-patched build, so it is the only one it runs with.
+Why the check: the build that .ci/install and .ci/setup make from the pinned sdist carries our
+patches (docs/pyfuse3-fallocate.md); its local version label (``3.5.0+tierswap.p<hash>``) names
+them, and the fallocate patch adds ``pyfuse3.Operations.fallocate``, which is what is tested
+here: a label can be copied onto any build, the method is the patch itself. Since the native
+lane answers every request after INIT (docs/design.md, "Dependencies"), the patches are no
+longer on the daemon's data path; the check keeps tierswap to the one pyfuse3 build it is
+tested and shipped with (issue 11), and is the one place to drop should that be relaxed.
 
 Limits: this looks at the pyfuse3 that this interpreter imports, not at whatever a shard
 process might import from elsewhere (they all run with the same interpreter and sys.path).
