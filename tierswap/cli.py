@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from tierswap import commands
 from tierswap.config import format_size, load_config, make_private_dir, parse_size
 from tierswap.control import call
-from tierswap.errors import ConfigError, ControlError, TierswapError
+from tierswap.errors import ConfigError, ControlError, StartError, TierswapError
 from tierswap.layout import Layout
 
 UP_TIMEOUT = 180.0
@@ -26,6 +26,21 @@ PING_TIMEOUT = 5.0
 
 class UsageError(TierswapError):
     pass
+
+
+class VersionAction(argparse.Action):
+    """`--version`: tierswap's version and the pyfuse3 build, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print tierswap's version and the pyfuse3 build, then exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace, values,
+                 option_string=None) -> NoReturn:
+        from tierswap.build import version_text
+
+        print(version_text())
+        parser.exit()
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,6 +64,7 @@ def _log_tail(path: Path, n: int = 1) -> str:
 
 
 def cmd_up(args) -> int:
+    from tierswap.build import require_patched_pyfuse3
     from tierswap.supervisor import supervise
 
     if args.foreground:
@@ -56,16 +72,19 @@ def cmd_up(args) -> int:
         ready_fd = int(fd) if fd else None
         try:
             config = _config(args)
-        except ConfigError as e:  # whoever waits on the ready pipe gets the one line too
+            require_patched_pyfuse3()  # systemd's start: one line, nothing started
+        except (ConfigError, StartError) as e:  # whoever waits on the ready pipe gets it too
             if ready_fd is not None:
+                kind = "config error: " if isinstance(e, ConfigError) else ""
                 with contextlib.suppress(OSError):
-                    os.write(ready_fd, f"ERROR config error: {e}\n".encode())
+                    os.write(ready_fd, f"ERROR {kind}{e}\n".encode())
             raise
         from tierswap.logs import setup_logging
 
         setup_logging()
         return supervise(config, args.config, ready_fd)  # StartError: one line
     config = _config(args)
+    require_patched_pyfuse3()  # one line, before anything is created or started
     if os.geteuid() != 0:
         raise CliError("must run as root (swapon, losetup and FUSE mounts need it)")
     make_private_dir(config.run_dir)
@@ -315,6 +334,7 @@ class CliError(TierswapError):
 
 def build_parser() -> Parser:
     p = Parser(prog="tierswap", description="A swap device served from user space, in tiers.")
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def add(name: str, fn, help: str) -> Parser:

@@ -1,4 +1,4 @@
-"""The systemd unit, the example configuration and `check-config`, as .ci/setup installs them.
+"""The systemd unit, the example configuration and `check-config`, as .ci/install installs them.
 
 `systemd-analyze verify` loads the unit with the host's systemd (no running systemd needed),
 checks every key and runs a start transaction, which is where an ordering cycle shows. It
@@ -25,8 +25,8 @@ from tierswap import cli, config
 ROOT = Path(__file__).parents[2]
 UNIT = ROOT / "systemd" / "tierswap.service"
 EXAMPLE = ROOT / "systemd" / "tierswap.toml.example"
-SETUP = ROOT / ".ci" / "setup"
-BINARY = "/usr/local/sbin/tierswap"  # the symlink .ci/setup creates
+INSTALL = ROOT / ".ci" / "install"
+BINARY = "/usr/local/sbin/tierswap"  # the link .ci/install (or, for development, .ci/setup) makes
 
 # Settings that run the unit's processes in a mount namespace of their own (or close off
 # devices): the FUSE mounts would then be invisible outside ExecStart's own process.
@@ -110,7 +110,8 @@ needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
 @needs_analyze
 def test_systemd_analyze_verify_is_clean():
     if not os.access(BINARY, os.X_OK):
-        pytest.skip(f"{BINARY} is missing (run .ci/setup); verify checks ExecStart exists")
+        pytest.skip(f"{BINARY} is missing (run .ci/setup or .ci/install); verify checks ExecStart "
+                    "exists")
     rc, lines = _verify(UNIT)
     problems = [ln for ln in lines if not _host_noise(ln)]
     assert rc == 0 and problems == [], "\n".join(lines)
@@ -203,13 +204,13 @@ def test_unit_has_no_mount_namespace(unit):
     assert not used, f"{used} would hide the FUSE mounts from the host and from ExecStop"
 
 
-def test_setup_installs_what_the_unit_refers_to():
-    text = SETUP.read_text()
-    assert f'ln -sfn "$VENV/bin/tierswap" {BINARY}' in text
-    assert "systemd/tierswap.service" in text and "/etc/systemd/system/tierswap.service" in text
-    assert '"$REPO/systemd/tierswap.toml.example" /etc/tierswap/tierswap.toml.example' in text
-    assert "install -d -m 0700 /etc/tierswap" in text
-    assert "systemctl enable" not in text.replace("enable with: systemctl enable", "")
+def test_install_links_what_the_unit_refers_to():
+    """The unit runs BINARY; the install makes it (tests/integration/test_install.py runs it)."""
+    text = INSTALL.read_text()
+    assert 'SBIN="$ROOT/usr/local/sbin"' in text
+    assert 'ln -sfn "$VENV/bin/tierswap" "$SBIN/tierswap"' in text
+    assert 'UNIT_DIR="$ROOT/usr/local/lib/systemd/system"' in text
+    assert "systemctl enable" not in text.replace("systemctl enable --now tierswap'", "")
     assert "systemctl start" not in text
 
 
