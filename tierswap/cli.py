@@ -196,20 +196,28 @@ def cmd_status(args) -> int:
         raise UsageError(f"--output: {e}") from None
     style = Style(bytes=args.bytes, raw=args.raw, headings=not args.noheadings)
     root = os.geteuid() == 0
-    # a user who is not root cannot list the 0700 run directory that validation looks into
-    config = load_config(args.config, check_fs=root)
-    layout = Layout.of(config)
     try:
-        res = call(layout.control_socket, commands.Status().to_wire(), timeout=STATUS_TIMEOUT)
+        # a user who is not root cannot list the 0700 run directory that validation looks into
+        layout = Layout.of(load_config(args.config, check_fs=root))
+        sock, summary_file = layout.control_socket, layout.summary_file
+    except PermissionError as e:  # the config is root's alone (/etc/tierswap is 0700)
+        if root:
+            raise
+        sock, summary_file = None, summary.DEFAULT_FILE
+        why = f"cannot read the config ({e.strerror}: {e.filename})"
+    try:
+        if sock is None:
+            raise ControlError(why)
+        res = call(sock, commands.Status().to_wire(), timeout=STATUS_TIMEOUT)
     except ControlError as e:
         try:
-            res, age = summary.read(layout.summary_file)
-        except summary.SummaryError as why:
-            raise CliError(f"{e}" if root else f"{e}; {why}") from None
+            res, age = summary.read(summary_file)
+        except summary.SummaryError as no:
+            raise CliError(f"{e}" if root else f"{e}; {no}") from None
         overlay_swaps(res, system.active_swaps())
-        res["summary"] = {"file": str(layout.summary_file), "age_seconds": round(age, 1)}
+        res["summary"] = {"file": str(summary_file), "age_seconds": round(age, 1)}
         print(f"tierswap: {e}; showing the summary written {age:.0f}s ago "
-              f"({layout.summary_file}), swap use as /proc/swaps says now", file=sys.stderr)
+              f"({summary_file}), swap use as /proc/swaps says now", file=sys.stderr)
     print(json.dumps(res, indent=2) if args.json else render(res, columns, style))
     return 0  # a shard that does not answer is shown in the status, not an error of it
 

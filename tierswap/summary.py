@@ -18,7 +18,9 @@ removes one a crash left. A reader checks that the supervisor named in it still 
 stale file is never shown as live.
 
 Limits: as fresh as the last round (its age is shown); only a root-owned file that nobody else
-can write is believed.
+can write is believed. A user who cannot read the config (it may hold secrets: /etc/tierswap
+is 0700) gets the summary of the default run_dir, DEFAULT_FILE; for an instance with another
+run_dir, pass a readable --config.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from tierswap.procs import ProcessId
 log = logging.getLogger("tierswap.summary")
 
 VERSION = 1
+# The summary of the default run_dir (/run/tierswap): what a user who is not root reads when
+# the config itself is root's alone (/etc/tierswap is 0700) and its run_dir cannot be known.
+DEFAULT_FILE = Path("/run/tierswap.status.json")
 MAX_BYTES = 4 << 20  # a summary larger than this is not ours
 
 _last_error: str | None = None  # a lasting failure is logged once
