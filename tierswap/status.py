@@ -1,7 +1,12 @@
 """Combining shard reports into one view, and rendering it for people.
 
 Shards report raw counters; the supervisor adds them up here, so `status --json`, the table,
-systemd's STATUS= line and the Prometheus metrics all come from one record.
+systemd's STATUS= line and the Prometheus metrics all come from one record. Each shard's row
+also keeps that shard's own numbers, so every device row of the table shows its own.
+
+The tables follow swapon/zramctl (see "tables" below). Limits: a shard that did not answer
+has no numbers of its own (shown "-"), only what /proc/swaps says of its device; the tables
+render records of older supervisors (rows without those numbers) the same way, never raise.
 """
 
 from __future__ import annotations
