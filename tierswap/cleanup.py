@@ -333,6 +333,9 @@ def force_cleanup(config: Config) -> list[str]:
     finally:
         left.close()
     if clean:  # the run is over (session_file: it did not end with the boot)
-        for f in (lay.state_file, lay.pid_file, lay.control_socket, lay.session_file):
+        # the summary and the metrics textfile describe a running tierswap: a crash left them
+        extra = [lay.summary_file] + ([config.metrics.textfile] if config.metrics.textfile
+                                      else [])
+        for f in (lay.state_file, lay.pid_file, lay.control_socket, lay.session_file, *extra):
             f.unlink(missing_ok=True)
     return done

@@ -63,6 +63,20 @@ def _log_tail(path: Path, n: int = 1) -> str:
 # ---------------------------------------------------------------------------- commands
 
 
+def _plan(config) -> list[str]:
+    """`up`'s plan and its warnings (tierswap.plan); our own devices (a restart's takeover)
+    never count as another swap at the same priority."""
+    from tierswap import plan, system
+    from tierswap.metrics import LISTEN_REMOVED
+
+    ours = set(system.loops_backed_by(config.run_dir))
+    lines = plan.plan_lines(config)
+    lines += plan.same_priority_swaps(config, system.active_swaps(), ours)
+    if config.metrics.listen:
+        lines.append(f"warning: {LISTEN_REMOVED}")
+    return lines
+
+
 def cmd_up(args) -> int:
     from tierswap.build import require_patched_pyfuse3
     from tierswap.supervisor import supervise
@@ -79,14 +93,27 @@ def cmd_up(args) -> int:
                 with contextlib.suppress(OSError):
                     os.write(ready_fd, f"ERROR {kind}{e}\n".encode())
             raise
+        import logging
+
         from tierswap.logs import setup_logging
 
         setup_logging()
+        for line in _plan(config):  # under systemd: into the journal, before anything starts
+            logging.getLogger("tierswap.up").log(
+                logging.WARNING if line.startswith("warning:") else logging.INFO, "%s", line)
         return supervise(config, args.config, ready_fd)  # StartError: one line
     config = _config(args)
     require_patched_pyfuse3()  # one line, before anything is created or started
     if os.geteuid() != 0:
         raise CliError("must run as root (swapon, losetup and FUSE mounts need it)")
+    from tierswap.cleanup import running_supervisor
+
+    running = running_supervisor(config)
+    if running is not None:
+        raise CliError(f"already running (pid {running.pid}); use 'tierswap down' first")
+    # the plan on stderr, before anything is allocated; stdout stays the device list
+    for line in _plan(config):
+        print(f"tierswap: {line}", file=sys.stderr, flush=True)
     make_private_dir(config.run_dir)
     logfile = Layout.of(config).log_file
     r, w = os.pipe()
@@ -172,10 +199,45 @@ def _show(args, req: commands.Request, res: Any) -> int:
     return 0
 
 
+STATUS_TIMEOUT = 5.0  # the supervisor answers within ~2 s (STATUS_SHARD_TIMEOUT) plus its own
+
+
 def cmd_status(args) -> int:
-    req = commands.Status()
-    res = _request(args, req)
-    print(json.dumps(res, indent=2) if args.json else req.render(res))
+    """The live record from the supervisor; when the control socket cannot be used (not root,
+    or the supervisor does not answer within STATUS_TIMEOUT), the summary it last wrote
+    (tierswap/summary.py) with /proc/swaps as it is now, and a note on stderr."""
+    from tierswap import summary, system
+    from tierswap.status import Style, overlay_swaps, parse_columns, render
+
+    try:
+        columns = parse_columns(args.output) if args.output is not None else None
+    except ValueError as e:
+        raise UsageError(f"--output: {e}") from None
+    style = Style(bytes=args.bytes, raw=args.raw, headings=not args.noheadings)
+    root = os.geteuid() == 0
+    try:
+        # a user who is not root cannot list the 0700 run directory that validation looks into
+        layout = Layout.of(load_config(args.config, check_fs=root))
+        sock, summary_file = layout.control_socket, layout.summary_file
+    except PermissionError as e:  # the config is root's alone (/etc/tierswap is 0700)
+        if root:
+            raise
+        sock, summary_file = None, summary.DEFAULT_FILE
+        why = f"cannot read the config ({e.strerror}: {e.filename})"
+    try:
+        if sock is None:
+            raise ControlError(why)
+        res = call(sock, commands.Status().to_wire(), timeout=STATUS_TIMEOUT)
+    except ControlError as e:
+        try:
+            res, age = summary.read(summary_file)
+        except summary.SummaryError as no:
+            raise CliError(f"{e}" if root else f"{e}; {no}") from None
+        overlay_swaps(res, system.active_swaps())
+        res["summary"] = {"file": str(summary_file), "age_seconds": round(age, 1)}
+        print(f"tierswap: {e}; showing the summary written {age:.0f}s ago "
+              f"({summary_file}), swap use as /proc/swaps says now", file=sys.stderr)
+    print(json.dumps(res, indent=2) if args.json else render(res, columns, style))
     return 0  # a shard that does not answer is shown in the status, not an error of it
 
 
@@ -332,6 +394,14 @@ class CliError(TierswapError):
     pass
 
 
+def _columns_help() -> str:
+    from tierswap.status import DEFAULT_DEVICE, DEVICE_COLUMNS
+
+    cols = "; ".join(f"{c.name}: {c.help}" for c in DEVICE_COLUMNS.values())
+    return (f"comma-separated columns of the device table, one line per device (default "
+            f"{','.join(DEFAULT_DEVICE)}). {cols}").replace("%", "%%")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="tierswap", description="A swap device served from user space, in tiers.")
     p.add_argument("--version", action=VersionAction)
@@ -354,7 +424,13 @@ def build_parser() -> Parser:
              "swap stays on")
     sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it")
     sp = add("status", cmd_status, "show the device, its tiers and counters")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="the whole status record")
+    sp.add_argument("--bytes", action="store_true", help="sizes in bytes, not human-readable")
+    sp.add_argument("--raw", action="store_true",
+                    help="the device table, fields separated by one space (as swapon --raw)")
+    sp.add_argument("--noheadings", action="store_true",
+                    help="the device table without its header line")
+    sp.add_argument("--output", metavar="COLUMNS", help=_columns_help())
     add("check-config", cmd_check_config, "validate the configuration without starting anything")
     sp = add("inspect", cmd_inspect, "per-tier pages, idle ages and fragmentation")
     sp.add_argument("--json", action="store_true")

@@ -123,6 +123,8 @@ def _sum_fields(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- request base
 
+STATUS_SHARD_TIMEOUT = 2.0  # seconds a shard has to answer a status round (Stats)
+
 
 @dataclass(frozen=True)
 class Request:
@@ -215,10 +217,12 @@ class Status(Request):
 
 @dataclass(frozen=True)
 class Stats(Request):
-    """A shard's raw counters (device and tier statistics, hardening state)."""
+    """A shard's raw counters (device and tier statistics, hardening state). A shard that
+    does not answer within STATUS_SHARD_TIMEOUT is shown as unresponsive (with what
+    /proc/swaps says of its device): status must answer fast even when a shard is stuck."""
 
     cmd: ClassVar[str] = "stats"
-    shard_timeout: ClassVar[float] = 10.0
+    shard_timeout: ClassVar[float] = STATUS_SHARD_TIMEOUT
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Where an instance keeps its files: one object, so no path is built by hand anywhere else.
 
-Everything under `run_dir` is per boot and private (0700 directories, 0600 files); `state_dir`
+Everything under `run_dir` is per boot and private (0700 directories, 0600 files), except
+the status summary next to it (`summary_file`, world-readable counts); `state_dir`
 is persistent: the session file (which boot the devices were brought up on) and the default
 place of file tiers. The slot map is not there: it lives in the shard's kit (memory). Nothing
 here creates or touches a file: the layout is names only, cheap to build from a `Config` in
@@ -72,6 +73,12 @@ class Layout:
         a clean tear-down. The one file of a run on persistent storage (no secrets in it), so
         that the next `up` can tell that the host went down with swap on."""
         return self.state_dir / "session.json"
+
+    @property
+    def summary_file(self) -> Path:
+        """The world-readable status summary (tierswap/summary.py): next to run_dir, not in
+        it, because run_dir is 0700."""
+        return self.run_dir.with_name(self.run_dir.name + ".status.json")
 
     @property
     def log_file(self) -> Path:

@@ -1,25 +1,34 @@
 """Prometheus metrics: the status record (`tierswap.status.combine_status`) in the text
-exposition format, written as a node_exporter textfile or served on a localhost HTTP port.
+exposition format, written as a node_exporter textfile.
 
-Why no prometheus_client: the daemon has no metric objects to keep. Every value already sits in
-the one status record that `status --json` and systemd's STATUS= line come from, so all we need
-is its rendering in a stable, line-oriented format; that is a page of code, while the client
-library would add a dependency (and its own HTTP server thread) to a process that must stay
-small, locked in memory and on trio.
+Why a textfile and no HTTP endpoint of our own: node_exporter's textfile collector already
+serves HTTP, with its TLS, authentication and connection limits, and it is on every host that
+Prometheus watches. An HTTP server in the daemon duplicated that inside a process that must
+stay small, locked in memory and on trio, and it added a listening port to a root daemon. The
+`[metrics] listen` key is accepted for compatibility and ignored with one warning
+(`LISTEN_REMOVED`; docs/configuration.md).
+
+Why no prometheus_client at run time: the daemon has no metric objects to keep. Every value
+already sits in the one status record that `status --json` and systemd's STATUS= line come
+from, so all we need is its rendering in a stable, line-oriented format: a page of code. The
+tests parse the output with prometheus_client's reference parser (a test extra).
 
 Names follow the Prometheus conventions: a `tierswap_` prefix, base units in the name (bytes,
 pages), counters end in `_total`. Counters restart from zero when the daemon restarts, which
 Prometheus' rate() handles. Metrics describe amounts and counts only; no page content, no
 addresses inside tiers.
 
-Nothing here may end the supervisor: both entry points log and carry on when something fails,
-because the supervisor runs them next to the swap device, and an exception there would take
-swap down (see `write_textfile` and `serve_metrics`).
+The textfile is rewritten every `[metrics] interval` and removed when tierswap stops (and by
+`down --force` after a crash), so node_exporter never serves numbers of a daemon that is gone.
+Nothing here may end the supervisor: `write_textfile` logs and carries on when something
+fails, because an exception there would take swap down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -27,24 +36,39 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from tierswap.control import ControlError
-
 log = logging.getLogger("tierswap.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_REQUEST = 8 << 10  # bytes of request line + headers we accept
-READ_TIMEOUT = 10.0  # seconds for a client to send its request
-CONNECTION_TIMEOUT = 60.0  # seconds for a whole exchange, status fan-out included
-MAX_CONNECTIONS = 4  # served at once; more wait in the listen backlog
-LINGER_TIMEOUT = 1.0  # seconds to wait for the client to close after the response
+LISTEN_REMOVED = ("metrics.listen is no longer supported and is ignored: tierswap serves no "
+                  "HTTP itself; set metrics.textfile in node_exporter's textfile directory "
+                  "(docs/configuration.md, [metrics])")
 
 Labels = Mapping[str, str]
 Sample = tuple[Labels, Any]  # values that are not numbers are skipped (_number)
 
 
 # ---------------------------------------------------------------------------- rendering
+
+
+@functools.cache
+def build_info() -> dict[str, str]:
+    """tierswap's version and the pyfuse3 it runs with: its version and whether it has the
+    fallocate handler of tierswap/contrib/pyfuse3-3.5.0-fallocate.patch ("patched"), without
+    which freed swap slots never reach tierswap (docs/pyfuse3-fallocate.md)."""
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    try:
+        import pyfuse3
+
+        build = "patched" if hasattr(pyfuse3.Operations, "fallocate") else "unpatched"
+    except ImportError:
+        build = "missing"
+    return {"version": version("tierswap"), "pyfuse3_version": version("pyfuse3"),
+            "pyfuse3_build": build}
+
 
 
 def escape_label(value: str) -> str:
@@ -187,12 +211,33 @@ _IO_COUNTERS = (
      "Write requests refused because every tier was full (also in write errors)."),
 )
 
+# native lane counters: (key in status["lane"], metric, kind, help)
+_LANE_SERIES = (
+    ("native", "tierswap_lane_native_requests_total", "counter",
+     "Requests the native lane answered on its own threads."),
+    ("forwarded", "tierswap_lane_forwarded_requests_total", "counter",
+     "Requests the lane handed to the trio side (slow tiers, growth)."),
+    ("rmw", "tierswap_lane_partial_writes_total", "counter",
+     "Partial-page writes (read-modify-write)."),
+    ("rmw_conflicts", "tierswap_lane_partial_write_conflicts_total", "counter",
+     "Partial-page writes started over because the page changed meanwhile."),
+    ("corrupt", "tierswap_corrupt_reads_total", "counter",
+     "Reads of a stored page that failed to decode (answered with an error; also in read "
+     "errors)."),
+    ("threads_running", "tierswap_lane_threads", "gauge",
+     "Native lane threads running (all shards)."),
+)
+
 
 def render(status: Mapping[str, Any]) -> str:
-    """The status record as Prometheus text exposition format (version 0.0.4)."""
+    """The status record as Prometheus text exposition format (version 0.0.4); the first
+    family is always tierswap_build_info."""
     out = _Exposition()
     g, c = "gauge", "counter"
     pages = status.get("pages", {})
+    out.family("tierswap_build_info", g,
+               "tierswap's version and its pyfuse3 (version; build: patched or unpatched); "
+               "always 1.", [(build_info(), 1)])
     out.family("tierswap_active", g, "1 while tierswap's devices are in use as swap.",
                [({}, bool(status.get("active")))])
     out.family("tierswap_size_bytes", g, "Virtual size of the swap device(s) the kernel sees.",
@@ -238,6 +283,9 @@ def render(status: Mapping[str, Any]) -> str:
     io = status.get("io", {})
     for key, name, help_text in _IO_COUNTERS:
         out.family(name, c, help_text, [({}, io.get(key))])
+    lane = status.get("lane") or {}
+    for key, name, kind, help_text in _LANE_SERIES:
+        out.family(name, kind, help_text, [({}, lane.get(key))])
 
     tiers = status.get("tiers", [])
     labels = [{"tier": t.get("name", str(i)), "kind": t.get("kind", "")}
@@ -320,153 +368,3 @@ def write_textfile(path: Path | str, status: Mapping[str, Any]) -> bool:
         log.info("metrics textfile %s written again", path)
         _textfile_error = None
     return True
-
-
-# ---------------------------------------------------------------------------- HTTP endpoint
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """("127.0.0.1", 9110) from "127.0.0.1:9110"; "[::1]:9110" and "::1:9110" give "::1"."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _response(code: int, body: bytes, extra: str = "", ctype: str = CONTENT_TYPE) -> bytes:
-    head = (f"HTTP/1.0 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
-    return head.encode("ascii") + body
-
-
-def _error(code: int, text: str, extra: str = "") -> bytes:
-    return _response(code, f"{text}\n".encode(), extra, "text/plain; charset=utf-8")
-
-
-async def _read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
-    """Request line and headers (GET has no body); None when the client sends too much."""
-    buf = bytearray()
-    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-        if len(buf) > MAX_REQUEST:
-            return None
-        chunk = await stream.receive_some(4096)
-        if not chunk:  # the client closed its side: answer what we have
-            break
-        buf += chunk
-    return bytes(buf) if len(buf) <= MAX_REQUEST else None
-
-
-async def _answer(stream: trio.abc.Stream, sup: Any) -> bytes:
-    head: bytes | None = None
-    with trio.move_on_after(READ_TIMEOUT) as timer:
-        head = await _read_head(stream)
-    if timer.cancelled_caught:
-        return _error(408, "request not received in time")
-    if head is None:
-        return _error(431, "request too large")
-    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
-    parts = line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        return _error(400, "bad request line")
-    method, target, _version = parts
-    if method != "GET":
-        return _error(405, "only GET", "Allow: GET\r\n")
-    if target.split("?", 1)[0] != "/metrics":
-        return _error(404, "not found; try /metrics")
-    try:
-        status = await sup.handle({"cmd": "status"})
-    except Exception as e:
-        # A shard that does not answer fails the scrape, and swap goes on. The supervisor's
-        # fan-out runs in a trio nursery, which wraps the ControlError in an exception group.
-        leaf = _first_leaf(e)
-        if isinstance(leaf, ControlError):
-            return _error(503, f"tierswap: {leaf}")
-        raise
-    return _response(200, render(status).encode())
-
-
-def _first_leaf(e: BaseException) -> BaseException:
-    while isinstance(e, BaseExceptionGroup) and e.exceptions:
-        e = e.exceptions[0]
-    return e
-
-
-async def _linger(stream: trio.SocketStream) -> None:
-    """Half-close, then read what the client still sends until it closes (briefly, boundedly).
-
-    Closing a TCP socket with unread input sends a reset, and a reset can destroy the response
-    before the client has read it; that happens whenever we answer without reading the whole
-    request (too large, or an error answered early).
-    """
-    await stream.send_eof()
-    with trio.move_on_after(LINGER_TIMEOUT):
-        drained = 0
-        while drained < MAX_REQUEST * 8 and (chunk := await stream.receive_some(65536)):
-            drained += len(chunk)
-
-
-async def _serve_connection(stream: trio.SocketStream, sup: Any, slots: trio.Semaphore) -> None:
-    try:
-        async with stream:
-            with trio.move_on_after(CONNECTION_TIMEOUT):
-                try:
-                    reply = await _answer(stream, sup)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise
-                except Exception:
-                    log.exception("metrics: request failed")
-                    reply = _error(500, "internal error (see the tierswap log)")
-                await stream.send_all(reply)
-                await _linger(stream)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the scraper went away
-    finally:
-        slots.release()
-
-
-async def _accept_loop(listener: trio.SocketListener, sup: Any, slots: trio.Semaphore,
-                       nursery: trio.Nursery) -> None:
-    async with listener:
-        while True:
-            await slots.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as e:  # EMFILE and the like: back off, keep serving swap
-                slots.release()
-                log.warning("metrics: accept failed: %s", e.strerror or e)
-                await trio.sleep(0.5)
-                continue
-            nursery.start_soon(_serve_connection, stream, sup, slots)
-
-
-async def serve_metrics(sup: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve GET /metrics on `sup.config.metrics.listen` until cancelled.
-
-    A deliberately small HTTP/1.0 server: one request per connection, the request line and
-    headers capped at MAX_REQUEST bytes and READ_TIMEOUT seconds, at most MAX_CONNECTIONS
-    served at once, the connection closed after the response. Only GET /metrics (with or
-    without a query string) is answered. Each scrape asks `sup.handle({"cmd": "status"})`,
-    so the numbers are as fresh as `tierswap status`.
-
-    `task_status.started()` gets the bound socket addresses (tests listen on port 0). When the
-    address cannot be bound the error is logged and this returns: swap runs on without
-    metrics rather than not at all.
-    """
-    listen = sup.config.metrics.listen
-    try:
-        host, port = parse_listen(listen)
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except (OSError, ValueError) as e:
-        log.error("metrics: cannot listen on %s: %s", listen,
-                  e.strerror if isinstance(e, OSError) and e.strerror else e)
-        task_status.started([])
-        return
-    addrs = [lst.socket.getsockname() for lst in listeners]
-    log.info("metrics: serving GET /metrics on %s", listen)
-    slots = trio.Semaphore(MAX_CONNECTIONS)
-    async with trio.open_nursery() as nursery:
-        for lst in listeners:
-            nursery.start_soon(_accept_loop, lst, sup, slots, nursery)
-        task_status.started(addrs)

@@ -1,12 +1,18 @@
 """Combining shard reports into one view, and rendering it for people.
 
 Shards report raw counters; the supervisor adds them up here, so `status --json`, the table,
-systemd's STATUS= line and the Prometheus metrics all come from one record.
+systemd's STATUS= line and the Prometheus metrics all come from one record. Each shard's row
+also keeps that shard's own numbers, so every device row of the table shows its own.
+
+The tables follow swapon/zramctl (see "tables" below). Limits: a shard that did not answer
+has no numbers of its own (shown "-"), only what /proc/swaps says of its device; the tables
+render records of older supervisors (rows without those numbers) the same way, never raise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tierswap import logs, system
@@ -49,6 +55,12 @@ def combine_extra(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 _SHARD_KEYS = ("stored_pages", "stored_bytes", "zero_pages", "metadata_bytes", "runs", "reads",
                "writes", "discards", "read_errors", "write_errors", "enospc")
+
+
+# a shard's own numbers, kept on its row of the status record (besides being summed)
+_ROW_KEYS = ("stored_pages", "zero_pages", "stored_bytes", "metadata_bytes", "runs")
+# counters of the native lane (tierswap.lane.LaneStatistics): summed when shards report them
+_LANE_KEYS = ("native", "forwarded", "rmw", "rmw_conflicts", "corrupt", "threads_running")
 
 
 def _malformed(report: Any, ntiers: int) -> str | None:
@@ -110,6 +122,11 @@ def combine_status(config: Config, shards: Sequence[Mapping[str, Any]],
         row["error"] = None if r is None or r.ok else r.error
         row["hardening"] = r.result.get("hardening") if r is not None and r.ok else None
         row["tasks"] = r.result.get("tasks", {}) if r is not None and r.ok else {}
+        # this shard's own numbers (None when it did not answer): each device row shows them
+        row["size_bytes"] = config.size // max(1, config.shards)
+        for k in _ROW_KEYS:
+            row[k] = r.result[k] if r is not None and r.ok else None
+        row["swap"] = dict(swaps[s["device"]]) if row["in_swap"] else None
         shard_rows.append(row)
     return {
         "active": active,
@@ -130,6 +147,8 @@ def combine_status(config: Config, shards: Sequence[Mapping[str, Any]],
                                     if stored else 0.0),
         "runs": sum(s["runs"] for s in reports),
         "io": io,
+        "lane": {k: sum(s.get(k, 0) for s in reports) for k in _LANE_KEYS
+                 if any(k in s for s in reports)},
         # log lines lost while the log output was stalled (tierswap.logs), shards + supervisor
         "log_dropped": sum(s.get("log_dropped", 0) for s in reports) + logs.dropped(),
     }
@@ -145,58 +164,214 @@ def one_line(st: dict[str, Any]) -> str:
     return line + ("; " + ", ".join(bad) if bad else "")
 
 
-def render_table(st: dict[str, Any]) -> str:
-    """A table in the manner of `swapon --show` / `zramctl`."""
-    lines = []
-    lines.append(f"{'NAME':<14}{'SIZE':>8}{'USED':>8}{'PRIO':>6}  {'STORED':>9} {'ZERO':>9} "
-                 f"{'RATIO':>6} {'META':>8}")
-    share = st["size_bytes"] // max(1, len(st["shards"]))
-    used = st.get("swap_used_by_device", {})
-    for i, dev in enumerate(st["devices"] or ["-"]):
-        row = (f"{dev:<14}{format_size(share):>8}{format_size(used.get(dev, 0)):>8}"
-               f"{st['priority']:>6}")
-        if i == 0:  # the pages, ratio and map are the device's as a whole (all shards)
-            row += (f"  {st['pages']['stored']:>9} {st['pages']['zero']:>9} "
-                    f"{st['compression_ratio']:>6.2f} {format_size(st['metadata_bytes']):>8}")
-        lines.append(row)
+# ---------------------------------------------------------------------------- tables
+#
+# The tables follow `swapon --show` and `zramctl`: columns named as theirs where they mean the
+# same (NAME, TYPE, SIZE, USED, PRIO from swapon; ZERO-PAGES, DATA, COMPR from zramctl), sizes
+# human (1024-based) unless --bytes, --raw for one space between fields, --noheadings, and
+# --output to choose the columns of the device table. A header means the same in every table:
+# PAGES is always a count of non-zero pages, COMPR always bytes as stored (compressed).
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its header, what it means (`tierswap status --help` lists them), how to
+    get its value from (status record, row), and whether the value is a size in bytes."""
+
+    name: str
+    help: str
+    get: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]
+    size: bool = False
+    left: bool = False  # text columns are aligned left, numbers right
+
+
+def _ratio(data: Any, compr: Any) -> float | None:
+    if not isinstance(data, int) or not isinstance(compr, int):
+        return None
+    return data / compr if compr else 0.0
+
+
+def _data(r: Mapping[str, Any]) -> int | None:
+    pages = r.get("stored_pages")
+    return pages * PAGE_SIZE if isinstance(pages, int) else None
+
+
+def _swap(r: Mapping[str, Any], key: str) -> Any:
+    sw = r.get("swap")
+    return sw.get(key) if isinstance(sw, Mapping) else None
+
+
+def shard_state(r: Mapping[str, Any]) -> str:
+    """The shard's state; "unresponsive" for a serving shard whose report is missing (it did
+    not answer the status request in time, or answered something unusable)."""
+    state = str(r.get("state") or "-")
+    return "unresponsive" if state == "serving" and not r.get("reporting", True) else state
+
+
+def shard_note(r: Mapping[str, Any]) -> str:
+    notes = [str(r["reason"])] if r.get("reason") else []
+    if shard_state(r) == "unresponsive":
+        notes.append(f"not in the sums: {r.get('error')}")
+    if r.get("device") and not r.get("in_swap"):
+        notes.insert(0, "out of swap")
+    notes += [f"{name} failed {h['failures']}x" for name, h in (r.get("tasks") or {}).items()
+              if isinstance(h, Mapping) and h.get("failures")]
+    return "; ".join(notes)
+
+
+DEVICE_COLUMNS: dict[str, Column] = {c.name: c for c in (
+    Column("NAME", "the shard's loop device (as swapon)", lambda s, r: r.get("device"),
+           left=True),
+    Column("TYPE", "swap area type from /proc/swaps (as swapon)",
+           lambda s, r: _swap(r, "type"), left=True),
+    Column("SIZE", "size of the device: the shard's share of [device] size",
+           lambda s, r: r.get("size_bytes", s.get("size_bytes", 0) // max(
+               1, len(s.get("shards") or ()))), size=True),
+    Column("USED", "swap in use on the device, from /proc/swaps (as swapon)",
+           lambda s, r: _swap(r, "used"), size=True),
+    Column("PRIO", "swap priority from /proc/swaps (as swapon)",
+           lambda s, r: _swap(r, "priority")),
+    Column("SHARD", "shard index", lambda s, r: r.get("index"), left=True),
+    Column("PID", "the shard's process", lambda s, r: r.get("pid")),
+    Column("STATE", "serving, unresponsive (no answer within 2 s), restarting, failed, "
+           "starting", lambda s, r: shard_state(r), left=True),
+    Column("RESTARTS", "times the shard's process was replaced", lambda s, r: r.get("restarts")),
+    Column("PAGES", "non-zero pages stored", lambda s, r: r.get("stored_pages")),
+    Column("ZERO-PAGES", "zero pages (no storage; as zramctl)", lambda s, r: r.get("zero_pages")),
+    Column("DATA", "uncompressed size of the stored pages (as zramctl)",
+           lambda s, r: _data(r), size=True),
+    Column("COMPR", "bytes stored, compressed (as zramctl)",
+           lambda s, r: r.get("stored_bytes"), size=True),
+    Column("RATIO", "DATA / COMPR", lambda s, r: _ratio(_data(r), r.get("stored_bytes"))),
+    Column("META", "bytes of slot map in use", lambda s, r: r.get("metadata_bytes"), size=True),
+    Column("NOTE", "why a shard is not serving, failed tasks", lambda s, r: shard_note(r),
+           left=True),
+)}
+DEFAULT_DEVICE = ("NAME", "SIZE", "USED", "PRIO", "STATE", "PAGES", "ZERO-PAGES", "COMPR",
+                  "RATIO", "META")
+SHARD_TABLE = ("SHARD", "PID", "NAME", "STATE", "RESTARTS", "NOTE")
+
+
+def parse_columns(text: str) -> list[str]:
+    """Column names from `--output` ("NAME,SIZE,USED", any case); ValueError names the bad
+    one and lists the known ones."""
+    names = [n.strip().upper() for n in text.split(",")]
+    for n in names:
+        if n not in DEVICE_COLUMNS:
+            raise ValueError(f"unknown column {n or '(empty)'!r}; known: "
+                             + ",".join(DEVICE_COLUMNS))
+    return names
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a table is printed: `--bytes`, `--raw`, `--noheadings`."""
+
+    bytes: bool = False
+    raw: bool = False
+    headings: bool = True
+
+
+def _cell(v: Any, size: bool, style: Style) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if size and isinstance(v, int) and not style.bytes:
+        return format_size(v)
+    return str(v)
+
+
+def _raw_escape(text: str) -> str:
+    """util-linux's --raw escaping: a space or backslash inside a field is written \\xHH, so
+    every line splits on spaces into exactly its fields."""
+    return "".join(f"\\x{ord(ch):02x}" if ch in " \\\n\t" else ch for ch in text)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[bool],
+          style: Style) -> list[str]:
+    """Lines of a table: aligned columns (text left, numbers right, two spaces between), or
+    with --raw one space between escaped fields."""
+    body = [list(headers)] if style.headings else []
+    body += [list(r) for r in rows]
+    if style.raw:
+        return [" ".join(_raw_escape(c) for c in r) for r in body]
+    widths = [max((len(r[i]) for r in body), default=0) for i in range(len(headers))]
+    out = []
+    for r in body:
+        cells = [c.ljust(w) if lf else c.rjust(w)
+                 for c, w, lf in zip(r, widths, left, strict=True)]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def device_table(st: Mapping[str, Any], columns: Sequence[str] = DEFAULT_DEVICE,
+                 style: Style = Style()) -> list[str]:
+    """One line per shard's device (and the header), each with that shard's own values."""
+    cols = [DEVICE_COLUMNS[c] for c in columns]
+    rows = [[_cell(c.get(st, r), c.size, style) for c in cols]
+            for r in st.get("shards") or () if isinstance(r, Mapping)]
+    return table([c.name for c in cols], rows, [c.left for c in cols], style)
+
+
+def render_table(st: Mapping[str, Any], style: Style = Style()) -> str:
+    """The full view: devices, tiers, remote targets, shards, I/O."""
+    lines = device_table(st, DEFAULT_DEVICE, style)
     lines.append("")
-    lines.append(f"{'TIER':<10}{'KIND':<8}{'PAGES':>10}{'STORED':>9}{'CAPACITY':>10}{'RATIO':>7}"
-                 f"{'IN':>10}{'OUT':>10}  STATE")
-    for t in st["tiers"]:
-        c = t["counters"]
-        lines.append(
-            f"{t['name']:<10}{t['kind']:<8}{t['pages']:>10}{format_size(t['stored_bytes']):>9}"
-            f"{format_size(t['capacity_bytes']):>10}{t['compression_ratio']:>7.2f}"
-            f"{c.get('pages_in', 0):>10}{c.get('pages_out', 0):>10}"
-            f"  {'draining' if t['draining'] else 'active'}"
-        )
-    for t in st["tiers"]:  # remote targets: health and balance (fragments, free slots)
+    heads = ("TIER", "KIND", "PAGES", "ZERO-PAGES", "COMPR", "CAPACITY", "RATIO", "PAGES-IN",
+             "PAGES-OUT", "STATE")
+    rows = []
+    for t in st.get("tiers", []):
+        c = t.get("counters", {})
+        rows.append([_cell(t.get("name"), False, style), _cell(t.get("kind"), False, style),
+                     _cell(t.get("pages"), False, style),
+                     _cell(t.get("zero_pages"), False, style),
+                     _cell(t.get("stored_bytes"), True, style),
+                     _cell(t.get("capacity_bytes"), True, style),
+                     _cell(t.get("compression_ratio"), False, style),
+                     _cell(c.get("pages_in", 0), False, style),
+                     _cell(c.get("pages_out", 0), False, style),
+                     "draining" if t.get("draining") else "active"])
+    lines += table(heads, rows, [True, True] + [False] * 7 + [True], style)
+    for t in st.get("tiers", []):  # remote targets: health and balance (fragments, free slots)
         if t.get("targets"):
             lines.append("")
-            lines.append(f"{'TARGET (' + t['name'] + ')':<36}{'UP':>4}{'FRAGS':>8}{'BYTES':>9}"
-                         f"{'FREE':>7}{'BACKLOG':>9}{'ERRORS':>8}")
-            for tg in t["targets"]:
-                lines.append(
-                    f"{tg['url'][:35]:<36}{'yes' if tg['up'] else 'no':>4}"
-                    f"{tg.get('fragments', 0):>8}{format_size(tg.get('bytes', 0)):>9}"
-                    f"{tg.get('free_slots', '-')!s:>7}"
-                    f"{tg.get('rebuild_backlog', tg.get('resync_pending', 0)):>9}"
-                    f"{tg.get('errors', 0):>8}")
+            theads = (f"TARGET({t['name']})", "UP", "FRAGMENTS", "BYTES", "FREE-SLOTS",
+                      "BACKLOG", "ERRORS")
+            rows = [[str(tg["url"]), _cell(bool(tg.get("up")), False, style),
+                     _cell(tg.get("fragments", 0), False, style),
+                     _cell(tg.get("bytes", 0), True, style),
+                     _cell(tg.get("free_slots"), False, style),
+                     _cell(tg.get("rebuild_backlog", tg.get("resync_pending", 0)), False, style),
+                     _cell(tg.get("errors", 0), False, style)] for tg in t["targets"]]
+            lines += table(theads, rows, [True] + [False] * 6, style)
     lines.append("")
-    lines.append(f"{'SHARD':<7}{'PID':>8}  {'DEVICE':<14}{'STATE':<12}{'RESTARTS':>8}  NOTE")
-    for sh in st["shards"]:
-        notes = [sh["reason"]] if sh.get("reason") else []
-        if not sh["reporting"] and sh["state"] == "serving":
-            notes.append(f"not in the sums: {sh['error']}")
-        if sh["device"] and not sh["in_swap"]:
-            notes.insert(0, "out of swap")
-        notes += [f"{name} failed {h['failures']}x" for name, h in sh.get("tasks", {}).items()
-                  if h.get("failures")]
-        note = "; ".join(notes)
-        lines.append(f"{sh['index']:<7}{sh['pid'] or '-':>8}  {sh['device'] or '-':<14}"
-                     f"{sh['state']:<12}{sh['restarts']:>8}  {note}".rstrip())
-    io = st["io"]
-    lines.append("")
-    lines.append(f"io: {io['reads']} reads, {io['writes']} writes, {io['discards']} discards, "
-                 f"{io['read_errors'] + io['write_errors']} errors ({io['enospc']} ENOSPC)")
+    lines += device_table(st, SHARD_TABLE, style)
+    io = st.get("io")
+    if io:
+        lines.append("")
+        lines.append(f"io: {io['reads']} reads, {io['writes']} writes, {io['discards']} "
+                     f"discards, {io['read_errors'] + io['write_errors']} errors "
+                     f"({io['enospc']} ENOSPC)")
     return "\n".join(lines)
+
+
+def render(st: Mapping[str, Any], columns: Sequence[str] | None = None,
+           style: Style = Style()) -> str:
+    """What `tierswap status` prints. The full view by default; with --output, --raw or
+    --noheadings the device table alone (one line per device, for scripts; --json has the
+    rest)."""
+    if columns is None and not style.raw and style.headings:
+        return render_table(st, style)
+    return "\n".join(device_table(st, columns or DEFAULT_DEVICE, style))
+
+
+def overlay_swaps(st: dict[str, Any], swaps: Mapping[str, Mapping[str, Any]]) -> None:
+    """Put what /proc/swaps says now into each row (a summary read from the file, or a record
+    of shards that did not answer: the kernel's view is always current)."""
+    for r in st.get("shards") or ():
+        dev = r.get("device")
+        r["in_swap"] = bool(dev) and dev in swaps
+        r["swap"] = dict(swaps[dev]) if r["in_swap"] else None

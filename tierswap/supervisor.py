@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from tierswap import commands, hardening, system
+from tierswap import commands, hardening, summary, system
 from tierswap.cleanup import (
     adoptable_shards,
     clear_shards,
@@ -369,6 +369,14 @@ class Supervisor:
         so `tierswap down --force` finds them and retries the swapoff.
         """
         sd_notify("STOPPING=1")
+        try:
+            await self._tear_down()
+        finally:  # what describes a running tierswap goes with it, whatever happened
+            summary.remove(self.layout.summary_file)
+            if self.config.metrics.textfile is not None:
+                summary.remove(self.config.metrics.textfile)
+
+    async def _tear_down(self) -> None:
         failed = await self.swapoff_all()
         if failed:
             log.error("swap still active, shards left serving it (retry with "
@@ -759,6 +767,8 @@ class Supervisor:
             try:
                 st = await self.status()
                 sd_notify("STATUS=" + one_line(st))
+                await trio.to_thread.run_sync(summary.write, self.layout.summary_file, st,
+                                              self.ident)
                 if self.config.metrics.textfile is not None:
                     from tierswap.metrics import write_textfile
 
@@ -834,11 +844,6 @@ class Supervisor:
             for name, fn in (("monitor", self.monitor), ("watchdog", self.watchdog),
                              ("status", self.status_line), ("keeper", self.sweep)):
                 nursery.start_soon(partial(keep_running, self.board, name, started_at_once(fn)))
-            if self.config.metrics.listen:
-                from tierswap.metrics import serve_metrics
-
-                nursery.start_soon(partial(keep_running, self.board, "metrics",
-                                           partial(serve_metrics, self)))
             await self.shutdown.wait()
             nursery.cancel_scope.cancel()
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from tierswap.errors import CommandError
 
@@ -85,13 +86,16 @@ def swapon(dev: str, priority: int, flags: tuple[str, ...] = ("--discard",)) -> 
     run(["swapon", *flags, "--priority", str(priority), dev])
 
 
-def active_swaps() -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
+def active_swaps() -> dict[str, dict[str, Any]]:
+    """Every active swap area as /proc/swaps lists it (readable by anyone, root or not):
+    {name: {"type": "partition" | "file", "size": bytes, "used": bytes, "priority": N}}."""
+    out: dict[str, dict[str, Any]] = {}
     with open("/proc/swaps") as f:
         next(f)
         for line in f:
-            name, _type, size, used, prio = line.split()[:5]
-            out[name] = {"size": int(size) * 1024, "used": int(used) * 1024, "priority": int(prio)}
+            name, kind, size, used, prio = line.split()[:5]
+            out[name] = {"type": kind, "size": int(size) * 1024, "used": int(used) * 1024,
+                         "priority": int(prio)}
     return out
 
 

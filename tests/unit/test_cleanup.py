@@ -113,3 +113,18 @@ def test_one_wedged_shard_is_killed_and_the_answering_one_stopped_gracefully(tmp
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_down_force_removes_the_summary_and_textfile_a_crash_left(tmp_path):
+    """A supervisor that died left its status summary and metrics textfile: they describe a
+    tierswap that no longer runs, so `down --force` removes them with its other files."""
+    conf = write_config(tmp_path)
+    conf.write_text(conf.read_text() + f'[metrics]\ntextfile = "{tmp_path}/tierswap.prom"\n')
+    cfg = parse_config(conf.read_text(), source=str(conf), check_fs=False)
+    lay = Layout.of(cfg)
+    lay.run_dir.mkdir(mode=0o700)
+    lay.summary_file.write_text("{}")
+    (tmp_path / "tierswap.prom").write_text("tierswap_active 1\n")
+    p = tierswap("down", "--force", "--config", str(conf))
+    assert p.returncode == 0, p.stderr
+    assert not lay.summary_file.exists() and not (tmp_path / "tierswap.prom").exists()
