@@ -78,7 +78,7 @@ def _plan(config) -> list[str]:
 
 
 def cmd_up(args) -> int:
-    from tierswap.build import require_patched_pyfuse3
+    from tierswap.build import require_pyfuse3
     from tierswap.supervisor import supervise
 
     if args.foreground:
@@ -86,7 +86,7 @@ def cmd_up(args) -> int:
         ready_fd = int(fd) if fd else None
         try:
             config = _config(args)
-            require_patched_pyfuse3()  # systemd's start: one line, nothing started
+            require_pyfuse3()  # systemd's start: one line, nothing started
         except (ConfigError, StartError) as e:  # whoever waits on the ready pipe gets it too
             if ready_fd is not None:
                 kind = "config error: " if isinstance(e, ConfigError) else ""
@@ -103,7 +103,7 @@ def cmd_up(args) -> int:
                 logging.WARNING if line.startswith("warning:") else logging.INFO, "%s", line)
         return supervise(config, args.config, ready_fd)  # StartError: one line
     config = _config(args)
-    require_patched_pyfuse3()  # one line, before anything is created or started
+    require_pyfuse3()  # one line, before anything is created or started
     if os.geteuid() != 0:
         raise CliError("must run as root (swapon, losetup and FUSE mounts need it)")
     from tierswap.cleanup import running_supervisor
