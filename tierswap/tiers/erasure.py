@@ -355,7 +355,10 @@ class ErasureStore:
                 while (self.placement.choose(seg, self._up()) is None
                        and self._trimming.any()):
                     await self._trimmed.wait()
-            self._open(seg, life)
+            # Another write of this life may have opened it while we waited: opening it again
+            # would free (unplace) the segment under that write's flush.
+            if self.life[seg] != life:
+                self._open(seg, life)
 
     def _mark(self, st: _Stage, a: int, b: int) -> None:
         self.pstale[st.seg] = True  # before any of it is written (tiers/ecstate.py)
@@ -667,6 +670,8 @@ class ErasureStore:
             self._kick = trio.Event()
             now = trio.current_time()
             for st in list(self.stages.values()):
+                if self.stages.get(st.seg) is not st:
+                    continue  # unstaged (even reused for another segment) during an earlier flush
                 if not st.ready.is_set() or not st.idle:
                     continue
                 st.closing |= self._waiting > 0
