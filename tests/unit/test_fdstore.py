@@ -328,3 +328,32 @@ def test_down_unless_restarting_outside_systemd_is_a_plain_down(tmp_path, monkey
     cfg.write_text(config_text(tmp_path, size="64M", disk="64M"))
     assert cli.main(["down", "--unless-restarting", "--config", str(cfg)]) == 0
     assert capsys.readouterr().out == "tierswap is not running\n"
+
+
+# ---------------------------------------------------------------------------- park
+
+
+def test_park_is_refused_unless_every_kit_is_in_the_store(tmp_path):
+    """A restart may skip the swapoff only with every kit stored: a shard whose kit systemd
+    does not hold would die with its connection."""
+    from tests.unit.test_supervisor_watch import make_sup
+    from tierswap.errors import ControlError
+    from tierswap.supervisor import SERVING
+
+    sup = make_sup(tmp_path, shards=2)
+
+    async def main() -> None:
+        for slot in sup.slots:
+            slot.state = SERVING
+            slot.pidfd = object()  # type: ignore[assignment]  # "a live process"
+        sup.fdstore.manifests = {0: fdstore.manifest_name(0, 1)}  # shard 1's is missing
+        with pytest.raises(ControlError, match="shard 1's kit is not in the fd store"):
+            await sup.park()
+        sup.slots[1].state = "restarting"
+        with pytest.raises(ControlError, match="shard 1 is restarting"):
+            await sup.park()
+        assert not sup.shutdown.is_set() and not sup.handed_over
+
+    import trio
+
+    trio.run(main)
