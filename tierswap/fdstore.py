@@ -467,7 +467,7 @@ def check_restorable(restored: Restored, config: Any) -> None:
         dev = rec.get("loop")
         if not isinstance(dev, str) or dev not in swaps:
             restored.drop(shard, f"its device ({dev or 'none recorded'}) is not in swap")
-        elif system.loop_backing_dev(dev) != rec.get("backing"):
+        elif (system.loop_backing_dev(dev) or "").strip() != rec.get("backing"):  # losetup pads
             restored.drop(shard, f"{dev} is no longer backed by its FUSE file")
 
 
@@ -480,7 +480,7 @@ def stop_leftovers(config: Any, shards: Iterable[int]) -> list[str]:
 
     done = []
     keep = set(shards)
-    left = find_leftovers(config)
+    left = find_leftovers(config, scan=False)  # no /proc scan: see cleanup.find_leftovers
     try:
         for k, sh in left.shards.items():
             for p in sh.procs if k in keep else []:

@@ -168,7 +168,9 @@ class Supervisor:
             return
         listened = fdstore.listen_fds()
         restored = fdstore.rebuild(listened) if listened else None
-        self.adopting = set(adoptable_shards(cfg))
+        # with kits passed back, nobody may serve our devices yet: no /proc scan (cleanup.py)
+        scan = restored is None or not restored.kits
+        self.adopting = set(adoptable_shards(cfg, scan=scan))
         if self.adopting:
             # A supervisor died and left shards serving: take them over (issue 10). Anything
             # else of that run (a shard that died with it) is cleared shard by shard.
@@ -177,7 +179,7 @@ class Supervisor:
             if restored is not None:  # the live shards' kits are what counts
                 restored.close()
                 self.fdstore.adopt(restored)
-            clear_shards(cfg, keep=self.adopting)
+            clear_shards(cfg, keep=self.adopting, scan=scan)
         elif restored is not None and self._restorable(restored):
             # systemd restarted the unit (or it crashed) and passed the kits back: every
             # process is gone, the devices are still in swap, the connections alive
@@ -185,7 +187,7 @@ class Supervisor:
             self.fdstore.adopt(restored)
             log.warning("restoring shards %s from the fd store (swap stayed on)",
                         ", ".join(map(str, sorted(restored.kits))))
-            clear_shards(cfg, keep=set(restored.kits))  # what cannot be restored
+            clear_shards(cfg, keep=set(restored.kits), scan=False)  # what cannot be restored
         else:
             if restored is not None:
                 self.fdstore.adopt(restored)  # nothing usable: remove it from the store

@@ -357,3 +357,28 @@ def test_park_is_refused_unless_every_kit_is_in_the_store(tmp_path):
     import trio
 
     trio.run(main)
+
+
+def test_a_restore_never_reads_another_process_s_memory(tmp_path, monkeypatch):
+    """Found by the integration test: the restoring supervisor read /proc/PID/cmdline of every
+    process to find leftovers; a workload's argv page was out in swap on a device nobody
+    served yet, so that read waited forever. With kits passed back, leftovers are found from
+    the files' records only."""
+    from tests.integration.harness import config_text
+    from tierswap import cleanup, config, system
+
+    monkeypatch.setattr(system, "loop_list", lambda: [])
+    monkeypatch.setattr(system, "fuse_mounts_under", lambda prefix: [])
+
+    def no(pid):
+        raise AssertionError(f"read the command line of {pid}")
+
+    monkeypatch.setattr(cleanup, "cmdline", no)
+    cfg_path = tmp_path / "t.toml"
+    cfg_path.write_text(config_text(tmp_path, size="64M", disk="64M"))
+    cfg = config.load_config(str(cfg_path))
+    cleanup.find_leftovers(cfg, scan=False).close()
+    assert cleanup.adoptable_shards(cfg, scan=False) == []
+    assert fdstore.stop_leftovers(cfg, [0]) == []
+    with pytest.raises(AssertionError, match="command line"):
+        cleanup.find_leftovers(cfg)  # the scan is still there for `down --force`
