@@ -129,8 +129,13 @@ def _shard_arg(args: list[str]) -> int | None:
         return None
 
 
-def find_leftovers(config: Config) -> Leftovers:
-    """Everything of this config's that is still there, each process pinned by a pidfd."""
+def find_leftovers(config: Config, *, scan: bool = True) -> Leftovers:
+    """Everything of this config's that is still there, each process pinned by a pidfd.
+
+    `scan=False`: only the processes the files name (pid and start time, from /proc/PID/stat),
+    no command line of every process. Reading another process's command line reads its memory,
+    which may be swapped out to one of our devices: while no shard serves it (a restore from
+    systemd's fd store) that read would wait forever."""
     lay = Layout.of(config)
     cpath = config_path(config)
     st = read_state(config)
@@ -159,7 +164,7 @@ def find_leftovers(config: Config) -> Leftovers:
         if isinstance(rec.get("loop"), str):
             known[rec["loop"]] = (k, rec.get("backing"))
     # processes no file names (a crash before state.json was written): by command line
-    for d in Path("/proc").iterdir():
+    for d in Path("/proc").iterdir() if scan else []:
         if not d.name.isdigit() or int(d.name) in seen:
             continue
         args = cmdline(int(d.name))
@@ -181,7 +186,7 @@ def find_leftovers(config: Config) -> Leftovers:
         name, majmin = dev.get("name") or "", dev.get("back-maj:min")
         back = dev.get("back-file") or ""
         k = lay.shard_of_file(back)
-        if k is None and name in known and known[name][1] == majmin:
+        if k is None and name in known and known[name][1] == (majmin or "").strip():
             k = known[name][0]
         if k is not None:
             left.shard(k).loops[name] = majmin
@@ -275,11 +280,11 @@ def _clear_shard(lay: Layout, sh: ShardLeft, done: list[str]) -> bool:
     return True
 
 
-def adoptable_shards(config: Config, *, takeover: bool = False) -> list[int]:
+def adoptable_shards(config: Config, *, takeover: bool = False, scan: bool = True) -> list[int]:
     """Shards a dead supervisor left serving (recorded, alive, answering): a new supervisor
     takes them over instead of clearing them (issue 10). Empty while a supervisor lives,
     unless this is a `takeover` (`tierswap restart`: the old one hands them over)."""
-    left = find_leftovers(config)
+    left = find_leftovers(config, scan=scan)
     try:
         if left.supervisor and not takeover:
             return []
@@ -293,10 +298,10 @@ def adoptable_shards(config: Config, *, takeover: bool = False) -> list[int]:
         left.close()
 
 
-def clear_shards(config: Config, keep: set[int]) -> list[str]:
+def clear_shards(config: Config, keep: set[int], *, scan: bool = True) -> list[str]:
     """Clear what a crashed run left of every shard but `keep` (those are taken over)."""
     lay = Layout.of(config)
-    left = find_leftovers(config)
+    left = find_leftovers(config, scan=scan)
     done: list[str] = []
     try:
         for k, sh in sorted(left.shards.items()):

@@ -145,6 +145,8 @@ def cmd_down(args) -> int:
     from tierswap.cleanup import config_path, force_cleanup, running_supervisor, stale_state
     from tierswap.procs import Pidfd
 
+    if args.unless_restarting and _parked(args, config):
+        return 0
     ident = running_supervisor(config)
     # pinned: whatever happens to the pid meanwhile, a signal reaches this process or nobody
     sup = Pidfd.open(ident, config_path=config_path(config)) if ident is not None else None
@@ -179,6 +181,39 @@ def cmd_down(args) -> int:
     if sup is None and not args.quiet:
         print("tierswap is not running")
     return 0
+
+
+def _parked(args, config) -> bool:
+    """`down --unless-restarting` (the unit's ExecStop=, ExecStopPost=, ExecStartPre=): during
+    `systemctl restart`, or between a crash and Restart=, with every kit in systemd's fd store,
+    leave swap on: park a running supervisor (its shards exit without swapoff) and return
+    True. Anything else (a stop job, no fd store, systemd not answering) is a normal down."""
+    from tierswap.fdstore import restart_decision
+
+    decision = restart_decision(config)
+    if decision is None:
+        return False
+    keep, why = decision
+    if not keep:
+        if not args.quiet:
+            print(why)
+        return False
+    from tierswap.cleanup import config_path, running_supervisor
+    from tierswap.procs import Pidfd
+
+    ident = running_supervisor(config)  # none after a crash (ExecStopPost=, ExecStartPre=)
+    sup = Pidfd.open(ident, config_path=config_path(config)) if ident is not None else None
+    if sup is not None:
+        with sup:
+            try:
+                call(Layout.of(config).control_socket, commands.Park().to_wire(), timeout=120)
+            except ControlError as e:
+                print(f"{why}; but the supervisor did not park ({e}): swapoff")
+                return False
+            sup.wait(60.0)  # it exits once its shards did (systemd then kills what is left)
+    if not args.quiet:
+        print(why)
+    return True
 
 
 def _request(args, req: commands.Request, timeout: float | None = 60.0, on_progress=None) -> Any:
@@ -420,6 +455,8 @@ def build_parser() -> Parser:
     sp.add_argument("--force", action="store_true", help="also clear what a crashed run left")
     sp.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for swapoff")
     sp.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    sp.add_argument("--unless-restarting", action="store_true",
+                    help="under systemd: keep swap on during a restart (docs/operations.md)")
     sp = add("restart", cmd_restart, "replace every daemon process with the installed code; "
              "swap stays on")
     sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it")

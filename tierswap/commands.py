@@ -177,6 +177,15 @@ class Down(Request):
 
 
 @dataclass(frozen=True)
+class Park(Request):
+    """`systemctl restart` (ExecStop=, tierswap/fdstore.py): every shard hands its kit over to
+    nobody and exits, then the supervisor exits, swap staying on; systemd's fd store holds the
+    kits for the next start."""
+
+    cmd: ClassVar[str] = "park"
+
+
+@dataclass(frozen=True)
 class Restart(Request):
     """Replace every daemon process with one running the code installed now, swap staying on:
     a new supervisor takes the shards over, then replaces them one at a time (issue 10)."""
@@ -453,7 +462,7 @@ class Inspect(Request):
 
 TIER_COMMANDS: tuple[type[Request], ...] = (Migrate, Drain, Undrain, Compact, SetPolicy, Inspect)
 # What the supervisor's public socket takes, and what a shard's private socket takes.
-_PUBLIC: tuple[type[Request], ...] = (Ping, Status, Down, Restart, *TIER_COMMANDS)
+_PUBLIC: tuple[type[Request], ...] = (Ping, Status, Down, Restart, Park, *TIER_COMMANDS)
 _SHARD: tuple[type[Request], ...] = (Ping, Stats, Shutdown, Kit, Handoff, *TIER_COMMANDS)
 PUBLIC: dict[str, type[Request]] = {c.cmd: c for c in _PUBLIC}
 SHARD: dict[str, type[Request]] = {c.cmd: c for c in _SHARD}

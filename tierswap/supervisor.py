@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from tierswap import commands, hardening, summary, system
+from tierswap import commands, fdstore, hardening, summary, system
 from tierswap.cleanup import (
     adoptable_shards,
     clear_shards,
@@ -141,6 +141,9 @@ class Supervisor:
         # it was to replace still serves every device and must find them as they were.
         self.owning = self.takeover is None
         self.replacing = False  # after a takeover: the shards are being replaced one by one
+        # systemd's fd store (tierswap/fdstore.py): kits pushed there, and kits passed back
+        self.fdstore = fdstore.FdStore()
+        self.restoring: fdstore.Restored | None = None
 
     # -------------------------------------------------------------- bring-up
 
@@ -163,14 +166,31 @@ class Supervisor:
                 raise StartError(f"shard(s) {', '.join(map(str, missing))} do not answer: "
                                  "nothing taken over, the running supervisor keeps serving")
             return
-        self.adopting = set(adoptable_shards(cfg))
+        listened = fdstore.listen_fds()
+        restored = fdstore.rebuild(listened) if listened else None
+        # with kits passed back, nobody may serve our devices yet: no /proc scan (cleanup.py)
+        scan = restored is None or not restored.kits
+        self.adopting = set(adoptable_shards(cfg, scan=scan))
         if self.adopting:
             # A supervisor died and left shards serving: take them over (issue 10). Anything
             # else of that run (a shard that died with it) is cleared shard by shard.
             log.warning("taking over shards %s of a supervisor that is gone",
                         ", ".join(map(str, sorted(self.adopting))))
-            clear_shards(cfg, keep=self.adopting)
+            if restored is not None:  # the live shards' kits are what counts
+                restored.close()
+                self.fdstore.adopt(restored)
+            clear_shards(cfg, keep=self.adopting, scan=scan)
+        elif restored is not None and self._restorable(restored):
+            # systemd restarted the unit (or it crashed) and passed the kits back: every
+            # process is gone, the devices are still in swap, the connections alive
+            self.restoring = restored
+            self.fdstore.adopt(restored)
+            log.warning("restoring shards %s from the fd store (swap stayed on)",
+                        ", ".join(map(str, sorted(restored.kits))))
+            clear_shards(cfg, keep=set(restored.kits), scan=False)  # what cannot be restored
         else:
+            if restored is not None:
+                self.fdstore.adopt(restored)  # nothing usable: remove it from the store
             left = stale_state(cfg)
             if left:
                 log.warning("clearing state left by a crashed run: %s", "; ".join(left))
@@ -190,6 +210,60 @@ class Supervisor:
                     msg = f"tier {t.name}: cannot prepare {t.path}: {e.strerror}"
                     raise StartError(msg) from None
                 log.info("tier %s: %s%s", t.name, done, f" ({t.sizing})" if t.sizing else "")
+
+    def _restorable(self, restored: fdstore.Restored) -> bool:
+        """Whether kits passed back by systemd can be restored (some can); see fdstore."""
+        try:
+            fdstore.check_restorable(restored, self.config)
+        except KitError as e:
+            raise StartError(f"{e}; swap stays on, nothing cleared") from None
+        for k, why in sorted(restored.problems.items()):
+            log.error("shard %d cannot be restored from the fd store: %s", k, why)
+        for line in fdstore.stop_leftovers(self.config, restored.kits):
+            log.warning("%s", line)
+        return bool(restored.kits)
+
+    async def restore(self) -> None:
+        """Start every shard from the kit systemd passed back (its processes are gone; its
+        device, connection, map and arenas are not): the respawn path, for every shard at
+        once. A shard without a usable kit was cleared in preflight and starts afresh."""
+        assert self.restoring is not None
+        st = read_state(self.config)
+        recs = {r.get("shard"): r for r in st.get("shards", []) if isinstance(r, dict)}
+        for slot in self.slots:
+            kit = self.restoring.kits.pop(slot.index, None)
+            if kit is None:
+                continue
+            rec = recs[slot.index]
+            slot.device, slot.backing, slot.kit = rec["loop"], rec.get("backing"), kit
+            await trio.to_thread.run_sync(self.keeper.deposit, slot.index, kit)
+            slot.state = RESTARTING
+        self.active = True
+        self._write_state()
+        for slot in self.slots:
+            if slot.state != RESTARTING:
+                await self._fresh(slot)
+            elif await self.respawn(slot):
+                slot.state, slot.reason = SERVING, None
+                log.info("shard %d restored (pid %s), serving %s", slot.index, slot.pid,
+                         slot.device)
+            else:
+                self._failed_with_kit(slot, "not restored from the fd store")
+            self._write_state()
+        self._write_session()
+
+    async def _fresh(self, slot: ShardSlot) -> None:
+        """Bring one shard up from nothing (mount, loop, mkswap, swapon), as `bring_up`."""
+        await self._spawn(slot)
+        assert slot.proc is not None
+        await self._wait_mounted(slot.index, slot.proc)
+        await self._deposit(slot)
+        slot.state = SERVING
+        slot.device = await trio.to_thread.run_sync(system.loop_attach, slot.paths.swap_file)
+        slot.backing = system.mount_device(str(slot.paths.mountpoint))
+        self._write_state()
+        await trio.to_thread.run_sync(system.mkswap, slot.device)
+        await trio.to_thread.run_sync(system.swapon, slot.device, self.config.priority)
 
     async def _spawn(self, slot: ShardSlot) -> None:
         """Start shard `slot.index` (with its kit, once there is one) and watch its process."""
@@ -282,6 +356,16 @@ class Supervisor:
         check_manifest(kit.manifest, self.config, slot.index)
         await trio.to_thread.run_sync(self.keeper.deposit, slot.index, kit)
         slot.kit = kit
+        self._store(slot.index, kit)
+
+    def _store(self, index: int, kit: Kit) -> None:
+        """Under systemd, hand the kit to its fd store too: what survives this process dying
+        with its shards (a restart or a crash of the unit; tierswap/fdstore.py). Failing to is
+        logged, never fatal: the keeper's copy still covers a shard's death."""
+        try:
+            self.fdstore.push_kit(index, kit)
+        except (fdstore.FdStoreError, KitError, OSError) as e:
+            log.error("shard %d: could not hand its kit to systemd's fd store: %s", index, e)
 
     def _write_state(self) -> None:
         st = {
@@ -294,6 +378,8 @@ class Supervisor:
             ],
             "active": self.active,
         }
+        if fdstore.enabled():  # `down --unless-restarting` checks the store holds them all
+            st["fdstore"] = self.fdstore.count()
         write_private(self.layout.state_file, json.dumps(st))
 
     # -------------------------------------------------------------- tear-down
@@ -400,6 +486,7 @@ class Supervisor:
         for mnt in system.fuse_mounts_under(self.config.run_dir):
             system.lazy_unmount(mnt)
         self.keeper.release_all()  # every device is out of swap: the connections may end
+        self.fdstore.remove_all()
         for s in self.slots:
             s.kit = Kit()
         self.layout.state_file.unlink(missing_ok=True)
@@ -543,6 +630,8 @@ class Supervisor:
             elif str(slot.paths.mountpoint) in system.fuse_mounts_under(self.layout.run_dir):
                 await trio.to_thread.run_sync(system.lazy_unmount, str(slot.paths.mountpoint))
             await trio.to_thread.run_sync(self.keeper.release, slot.index)
+            if err is None:
+                self.fdstore.remove_shard(slot.index)
             slot.kit = Kit()
             self._write_state()
             log.error("shard %d failed (%s); the other shards go on serving", slot.index,
@@ -650,6 +739,8 @@ class Supervisor:
             return {"pid": os.getpid(), "active": self.active}
         if isinstance(req, commands.Restart):
             return await self.hand_over(req.config)
+        if isinstance(req, commands.Park):
+            return await self.park()
         if isinstance(req, commands.Down):
             # swapoff here, so that a failure reaches the operator and nothing is stopped
             failed = await self.swapoff_all()
@@ -706,6 +797,35 @@ class Supervisor:
         self.handed_over = True
         self.shutdown.set()
         return {"supervisor": proc.pid}
+
+    async def park(self) -> dict[str, Any]:
+        """`systemctl restart` (ExecStop= `tierswap down --unless-restarting`): every shard
+        stops serving without swapoff (a hand-off with no successor yet), then this supervisor
+        exits without tear-down. Only with every kit in systemd's fd store, which passes them
+        to the next start (`restore`); the kernel holds the requests meanwhile."""
+        if self.taking_over or self.replacing or self.shutdown.is_set():
+            raise ControlError("park: a restart or a stop is already under way")
+        for slot in self.slots:
+            if slot.state != SERVING or slot.pidfd is None:
+                raise ControlError(f"park: shard {slot.index} is {slot.state}")
+            if slot.index not in self.fdstore.manifests:
+                raise ControlError(f"park: shard {slot.index}'s kit is not in the fd store")
+        self.taking_over = True  # a shard's exit from here on is expected
+        for slot in self.slots:
+            slot.handing_off = True
+            try:
+                await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
+                with trio.fail_after(STOP_TIMEOUT):
+                    await slot.exited.wait()
+            except (ControlError, trio.TooSlowError) as e:
+                # too late to go back for the shards already parked: kill it, the kit is stored
+                log.error("shard %d did not hand over (%s): killed", slot.index, e)
+                if slot.pidfd is not None:
+                    slot.pidfd.send_signal(signal.SIGKILL)
+        log.warning("parked for a restart: every kit is in systemd's fd store, swap stays on")
+        self.handed_over = True
+        self.shutdown.set()
+        return {"parked": [s.index for s in self.slots]}
 
     async def replace_shards(self) -> None:
         """After a takeover: each shard in turn hands its kit over and a process running the
@@ -817,6 +937,8 @@ class Supervisor:
                 self._bring_up_scope = bring_up_scope
                 if self.adopting:
                     await self.adopt()
+                elif self.restoring is not None:
+                    await self.restore()
                 else:
                     await self.bring_up()
         except (StartError, CommandError) as e:

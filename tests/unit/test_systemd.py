@@ -139,13 +139,25 @@ def test_unit_type_and_commands(unit):
     assert svc["Type"] == ["notify"]
     assert svc["NotifyAccess"] == ["main"]
     assert svc["ExecStart"] == [f"{BINARY} up --foreground"]
-    assert svc["ExecStartPre"] == [f"{BINARY} down --force --quiet"]
-    assert svc["ExecStop"] == [f"{BINARY} down"]
-    # a reload is the live upgrade (swap stays on); restart = stop + start stays a swapoff
+    # a restart keeps swap on (the fd store holds the kits); a stop is a swapoff
+    assert svc["ExecStartPre"] == [f"{BINARY} down --force --quiet --unless-restarting"]
+    assert svc["ExecStop"] == [f"{BINARY} down --unless-restarting"]
     assert svc["ExecReload"] == [f"{BINARY} restart --timeout 240"]
-    assert svc["ExecStopPost"] == [f"{BINARY} down --force --quiet"]
+    assert svc["ExecStopPost"] == [f"{BINARY} down --force --quiet --unless-restarting"]
     assert svc["Restart"] == ["on-failure"] and svc["RestartSec"]
     assert svc["KillMode"] == ["control-group"]  # shards get SIGTERM and swapoff themselves
+
+
+def test_unit_keeps_kits_and_run_dir_across_a_restart(unit):
+    """What a restart restores from: the fd store (room for every kit fd of many shards) and
+    the run directory (state.json names each shard's loop device; the mount points)."""
+    svc = unit["Service"]
+    assert int(svc["FileDescriptorStoreMax"][0]) >= 512
+    assert svc["RuntimeDirectoryPreserve"] == ["restart"]
+    # FDSTORE= is accepted from the main process, which is the supervisor
+    assert svc["NotifyAccess"] in (["main"], ["all"])
+    # systemd 252 (Debian 12) has no FileDescriptorStorePreserve= (254+)
+    assert "FileDescriptorStorePreserve" not in svc
 
 
 def test_unit_timeouts_and_watchdog(unit):
