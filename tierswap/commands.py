@@ -116,6 +116,12 @@ def failures(result: Any) -> list[str]:
     return [f"shard {e['shard']}: {e['error']}" for e in result.get("errors", [])]
 
 
+def _summed(replies: Sequence[ShardReply]) -> dict[str, Any]:
+    """The counts of every shard that answered, added up, and the errors of those that did not
+    (a shard whose share was skipped answers nothing)."""
+    return _with_errors(_sum_fields([r.result for r in _answered(replies) if r.result]), replies)
+
+
 def _sum_fields(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     keys = sorted({k for r in results for k in r})
     return {k: sum(r.get(k, 0) for r in results) for k in keys}
@@ -315,8 +321,7 @@ class Migrate(Request):
         return out
 
     def combine(self, replies: Sequence[ShardReply]) -> dict[str, Any]:
-        ok = _answered(replies)
-        return _with_errors(_sum_fields([r.result for r in ok if r.result]), replies)
+        return _summed(replies)
 
     def render(self, result: Any) -> str:
         return _moved(result, f"{self.src} -> {self.dst}")
@@ -361,8 +366,7 @@ class Drain(_TierCommand):
     shard_timeout: ClassVar[float] = 24 * HOUR
 
     def combine(self, replies: Sequence[ShardReply]) -> dict[str, Any]:
-        ok = _answered(replies)
-        return _with_errors(_sum_fields([r.result for r in ok]), replies)
+        return _summed(replies)
 
     def render(self, result: Any) -> str:
         return _moved(result, f"draining {self.tier}")
@@ -386,8 +390,7 @@ class Compact(_TierCommand):
     shard_timeout: ClassVar[float] = 24 * HOUR
 
     def combine(self, replies: Sequence[ShardReply]) -> dict[str, Any]:
-        ok = _answered(replies)
-        return _with_errors(_sum_fields([r.result for r in ok]), replies)
+        return _summed(replies)
 
     def render(self, result: Any) -> str:
         return (f"{self.tier}: moved {result.get('pages', 0)} pages, released "
