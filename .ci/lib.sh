@@ -77,6 +77,15 @@ sys.exit(0 if version("pyfuse3") == sys.argv[1]
 EOF
 }
 
+# The wheel already built for this patch set, or nothing (a glob that matches nothing is
+# not an error: `ls` of it would end the script under set -e and pipefail).
+built_wheel() {
+    local f
+    for f in "$WHEELS"/pyfuse3-"$PYFUSE3_LOCAL_VERSION"-*.whl; do
+        if [[ -f "$f" ]]; then printf '%s' "$f"; return 0; fi
+    done
+}
+
 # pyfuse3_wheel PY: set PYFUSE3_WHEEL to the patched wheel, building it with PY's pip into
 # $WHEELS when it is not there. TIERSWAP_PYFUSE3_WHEEL names a ready wheel instead (no build).
 pyfuse3_wheel() {
@@ -87,7 +96,7 @@ pyfuse3_wheel() {
         say "pyfuse3: using $PYFUSE3_WHEEL"
         return 0
     fi
-    PYFUSE3_WHEEL="$(ls "$WHEELS"/pyfuse3-"$PYFUSE3_LOCAL_VERSION"-*.whl 2>/dev/null | head -n1)"
+    PYFUSE3_WHEEL="$(built_wheel)"
     if [[ -n "$PYFUSE3_WHEEL" ]]; then
         say "pyfuse3: wheel $(basename "$PYFUSE3_WHEEL") present"
         return 0
@@ -113,6 +122,6 @@ pyfuse3_wheel() {
     SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3="$PYFUSE3_LOCAL_VERSION" \
         "$py" -m pip wheel -q --no-deps -w "$WHEELS" "$src"
     rm -rf "$work"
-    PYFUSE3_WHEEL="$(ls "$WHEELS"/pyfuse3-"$PYFUSE3_LOCAL_VERSION"-*.whl 2>/dev/null | head -n1)"
+    PYFUSE3_WHEEL="$(built_wheel)"
     [[ -n "$PYFUSE3_WHEEL" ]] || die "pip wheel did not produce a pyfuse3 $PYFUSE3_LOCAL_VERSION wheel"
 }
