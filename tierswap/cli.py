@@ -205,15 +205,34 @@ def _parked(args, config) -> bool:
     sup = Pidfd.open(ident, config_path=config_path(config)) if ident is not None else None
     if sup is not None:
         with sup:
-            try:
-                call(Layout.of(config).control_socket, commands.Park().to_wire(), timeout=120)
+            sock = Layout.of(config).control_socket
+            try:  # each shard: up to 30 s to hand off and 30 s to exit
+                call(sock, commands.Park().to_wire(), timeout=60.0 * config.shards + 30)
             except ControlError as e:
-                print(f"{why}; but the supervisor did not park ({e}): swapoff")
-                return False
+                if _all_serving(sock):  # refused before any shard stopped: a normal down
+                    print(f"{why}; but the supervisor did not park ({e}): swapoff")
+                    return False
+                # Some shards may be parked already (no process): a swapoff of their devices
+                # would never end. Their kits are in the store: keep swap on for the start.
+                print(f"{why}; parking did not finish ({e}): swap stays on, the next start "
+                      "restores the kits")
+                return True
             sup.wait(60.0)  # it exits once its shards did (systemd then kills what is left)
     if not args.quiet:
         print(why)
     return True
+
+
+def _all_serving(sock) -> bool:
+    """The supervisor answers and every shard serves (nothing was parked)."""
+    try:
+        st = call(sock, commands.Status().to_wire(), timeout=10)
+    except ControlError:
+        return False
+    shards = st.get("shards") if isinstance(st, dict) else None
+    if not isinstance(shards, list) or not shards:
+        return False
+    return all(isinstance(r, dict) and r.get("state") == "serving" for r in shards)
 
 
 def _request(args, req: commands.Request, timeout: float | None = 60.0, on_progress=None) -> Any:

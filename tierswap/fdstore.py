@@ -420,16 +420,20 @@ def stored_count(unit: str) -> int:
         raise FdStoreError(f"systemctl show: unexpected NFileDescriptorStore {out!r}") from None
 
 
-def keep_for_restart(unit: str, job: str | None, stored: int, expected: int | None
-                     ) -> tuple[bool, str]:
+def keep_for_restart(unit: str, job: str | None, stored: int, expected: int | None,
+                     result: str | None = None) -> tuple[bool, str]:
     """Whether `tierswap down --unless-restarting` leaves swap on, and why (one line).
 
     Kept only when the store holds the kits (at least as many fds as the supervisor stored)
     and no stop job runs: a restart job (ExecStop=, ExecStopPost= of `systemctl restart`), the
     start that follows it (ExecStartPre=), or no job at all (ExecStopPost= after a crash,
-    before Restart= starts the unit again). Anything else is a normal down: swapoff."""
+    before Restart= starts the unit again, i.e. $SERVICE_RESULT is not "success": a main
+    process that ended cleanly is not restarted by Restart=on-failure, and the store would
+    close with the devices in swap). Anything else is a normal down: swapoff."""
     if job == "stop":
         return False, f"{unit}: a stop job: swapoff"
+    if job is None and result == "success":
+        return False, f"{unit}: no job and the service ended cleanly (no restart follows): swapoff"
     if stored <= 0:
         return False, f"{unit}: the fd store holds no kit: swapoff (nothing could keep pages)"
     if expected is not None and stored < expected:
@@ -509,4 +513,5 @@ def restart_decision(config: Any) -> tuple[bool, str] | None:
     except (FdStoreError, OSError, subprocess.TimeoutExpired) as e:
         return False, f"{unit}: cannot ask systemd ({e}): swapoff"
     expected = read_state(config).get("fdstore")
-    return keep_for_restart(unit, job, stored, expected if isinstance(expected, int) else None)
+    return keep_for_restart(unit, job, stored, expected if isinstance(expected, int) else None,
+                            os.environ.get("SERVICE_RESULT"))

@@ -35,9 +35,9 @@ from tierswap.cleanup import (
     write_private,
 )
 from tierswap.commands import ShardReply
-from tierswap.config import Config, format_size, make_private_dir
+from tierswap.config import Config, format_size, load_config, make_private_dir
 from tierswap.control import Progress, acall, first_error, serve_control
-from tierswap.errors import CommandError, ControlError, StartError
+from tierswap.errors import CommandError, ControlError, StartError, TierswapError
 from tierswap.keeper import SWEEP_EVERY, KitKeeper
 from tierswap.kit import Kit, KitError, boot_id, check_manifest, fetch_kit
 from tierswap.layout import Layout, ShardLayout
@@ -143,6 +143,7 @@ class Supervisor:
         self.replacing = False  # after a takeover: the shards are being replaced one by one
         # systemd's fd store (tierswap/fdstore.py): kits pushed there, and kits passed back
         self.fdstore = fdstore.FdStore()
+        self._stored: dict[int, bool] = {}  # shard -> its whole current kit is in the fd store
         self.restoring: fdstore.Restored | None = None
 
     # -------------------------------------------------------------- bring-up
@@ -263,7 +264,8 @@ class Supervisor:
         slot.backing = system.mount_device(str(slot.paths.mountpoint))
         self._write_state()
         await trio.to_thread.run_sync(system.mkswap, slot.device)
-        await trio.to_thread.run_sync(system.swapon, slot.device, self.config.priority)
+        await trio.to_thread.run_sync(system.swapon, slot.device, self.config.priority,
+                                      self.config.swapon_flags)
 
     async def _spawn(self, slot: ShardSlot) -> None:
         """Start shard `slot.index` (with its kit, once there is one) and watch its process."""
@@ -362,8 +364,10 @@ class Supervisor:
         """Under systemd, hand the kit to its fd store too: what survives this process dying
         with its shards (a restart or a crash of the unit; tierswap/fdstore.py). Failing to is
         logged, never fatal: the keeper's copy still covers a shard's death."""
+        self._stored[index] = False  # until the whole kit is in: `park` relies on it
         try:
             self.fdstore.push_kit(index, kit)
+            self._stored[index] = fdstore.enabled()
         except (fdstore.FdStoreError, KitError, OSError) as e:
             log.error("shard %d: could not hand its kit to systemd's fd store: %s", index, e)
 
@@ -391,16 +395,15 @@ class Supervisor:
         connection, so its swapoff would wait on its first page forever. If it cannot come
         back, nothing is swapped off at all and that is the failure."""
         for slot in self.slots:
-            if slot.state == FAILED and slot.kit.fds and slot.device is not None:
-                async with slot.lock:
-                    back = await self.respawn(slot, attempts=1)
-                if not back:
-                    return [f"{slot.device} (shard {slot.index}) has no process that can serve "
-                            "it, so its swapoff would never end; its pages are kept (status "
-                            "says why); 'tierswap down --force' gives them up"]
-                slot.restarts += 1
-                slot.state, slot.reason, slot.retry_every = SERVING, None, RETRY_FIRST
-                self._write_state()
+            async with slot.lock:  # a retry or a restore of this shard holds it meanwhile
+                if (slot.kit.fds and slot.device is not None
+                        and (slot.pidfd is None or slot.exited.is_set())
+                        and slot.device in system.active_swaps()):
+                    if not await self.respawn(slot, attempts=1):
+                        return [f"{slot.device} (shard {slot.index}) has no process that can "
+                                "serve it, so its swapoff would never end; its pages are kept "
+                                "(status says why); 'tierswap down --force' gives them up"]
+                    self._served_again(slot)
         failed = []
         for slot in self.slots:
             err = await self._swapoff(slot)
@@ -557,6 +560,12 @@ class Supervisor:
         self._write_state()
         log.critical("shard %d: %s", slot.index, slot.reason)
 
+    def _served_again(self, slot: ShardSlot) -> None:
+        slot.restarts += 1
+        slot.state, slot.reason, slot.retry_every = SERVING, None, RETRY_FIRST
+        self._write_state()
+        log.info("shard %d serving again (pid %s)", slot.index, slot.pid)
+
     async def _retry(self, slot: ShardSlot) -> None:
         """One more attempt at a failed shard that holds pages (see `_failed_with_kit`)."""
         try:
@@ -566,10 +575,7 @@ class Supervisor:
             log.exception("shard %d: restart failed", slot.index)
             respawned = False
         if respawned:
-            slot.restarts += 1
-            slot.state, slot.reason, slot.retry_every = SERVING, None, RETRY_FIRST
-            self._write_state()
-            log.info("shard %d serving again (pid %s)", slot.index, slot.pid)
+            self._served_again(slot)
         else:
             self._failed_with_kit(slot, "still no replacement")
 
@@ -808,8 +814,18 @@ class Supervisor:
         for slot in self.slots:
             if slot.state != SERVING or slot.pidfd is None:
                 raise ControlError(f"park: shard {slot.index} is {slot.state}")
-            if slot.index not in self.fdstore.manifests:
-                raise ControlError(f"park: shard {slot.index}'s kit is not in the fd store")
+            if not self._stored.get(slot.index):
+                raise ControlError(f"park: shard {slot.index}'s kit is not (all) in the fd store")
+        try:  # what the next start will read: it must find the kits fit (else no page back)
+            upcoming = load_config(self.config_path)
+        except TierswapError as e:
+            raise ControlError(f"park: the configuration the next start reads: {e}") from None
+        for slot in self.slots:
+            try:
+                check_manifest(slot.kit.manifest, upcoming, slot.index)
+            except KitError as e:
+                raise ControlError(f"park: shard {slot.index}: {e}; the next start could not "
+                                   "take its pages over") from None
         self.taking_over = True  # a shard's exit from here on is expected
         for slot in self.slots:
             slot.handing_off = True

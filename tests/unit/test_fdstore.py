@@ -317,6 +317,14 @@ def test_keep_for_restart(job, stored, expected, keep):
     assert got is keep and why.startswith("tierswap.service: ") and "\n" not in why
 
 
+@pytest.mark.parametrize("result,keep", [("success", False), ("signal", True),
+                                         ("core-dump", True), (None, True)])
+def test_no_job_keeps_the_store_only_when_a_restart_follows(result, keep):
+    """ExecStopPost= with no job: Restart=on-failure restarts only a failed service."""
+    got, why = fdstore.keep_for_restart("tierswap.service", None, 10, 10, result)
+    assert got is keep and why.startswith("tierswap.service: ") and "\n" not in why
+
+
 def test_down_unless_restarting_outside_systemd_is_a_plain_down(tmp_path, monkeypatch, capsys):
     """In an operator's shell (no service cgroup) the flag changes nothing."""
     from tierswap import cli
@@ -346,11 +354,17 @@ def test_park_is_refused_unless_every_kit_is_in_the_store(tmp_path):
         for slot in sup.slots:
             slot.state = SERVING
             slot.pidfd = object()  # type: ignore[assignment]  # "a live process"
-        sup.fdstore.manifests = {0: fdstore.manifest_name(0, 1)}  # shard 1's is missing
-        with pytest.raises(ControlError, match="shard 1's kit is not in the fd store"):
+        sup._stored = {0: True}  # shard 1's kit did not (all) make it into the store
+        with pytest.raises(ControlError, match=r"shard 1's kit is not \(all\) in the fd store"):
             await sup.park()
         sup.slots[1].state = "restarting"
         with pytest.raises(ControlError, match="shard 1 is restarting"):
+            await sup.park()
+        sup.slots[1].state = SERVING
+        sup._stored = {0: True, 1: True}
+        for slot in sup.slots:  # kits of another geometry than the config the next start reads
+            slot.kit.manifest = {"version": -1}
+        with pytest.raises(ControlError, match=r"shard 0: kit version -1.*could not take its"):
             await sup.park()
         assert not sup.shutdown.is_set() and not sup.handed_over
 
@@ -382,3 +396,37 @@ def test_a_restore_never_reads_another_process_s_memory(tmp_path, monkeypatch):
     assert fdstore.stop_leftovers(cfg, [0]) == []
     with pytest.raises(AssertionError, match="command line"):
         cleanup.find_leftovers(cfg)  # the scan is still there for `down --force`
+
+
+@pytest.mark.parametrize("states,keep", [(["serving", "serving"], False),
+                                         (["serving", "restarting"], True), (None, True)])
+def test_a_park_that_fails_falls_back_to_swapoff_only_if_nothing_was_parked(
+        tmp_path, monkeypatch, capsys, states, keep):
+    """Once a shard may have handed off (no process), a swapoff of its device would never
+    end: a failed park then keeps swap on for the next start, whose kits are stored."""
+    from contextlib import nullcontext
+
+    from tests.integration.harness import config_text
+    from tierswap import cleanup, cli, procs
+    from tierswap.config import load_config
+    from tierswap.errors import ControlError
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(config_text(tmp_path, size="64M", disk="64M", shards=2))
+    config = load_config(cfg, check_fs=False)
+    monkeypatch.setattr(fdstore, "restart_decision", lambda c: (True, "unit: restart job"))
+    monkeypatch.setattr(cleanup, "running_supervisor", lambda c: object())
+    monkeypatch.setattr(procs.Pidfd, "open", staticmethod(lambda *a, **k: nullcontext()))
+
+    def call(sock, wire, timeout=None, **kw):
+        if wire["cmd"] == "park":
+            raise ControlError("no reply in time")
+        if states is None:
+            raise ControlError("connection refused")
+        return {"shards": [{"state": s} for s in states]}
+
+    monkeypatch.setattr(cli, "call", call)
+    args = cli.build_parser().parse_args(["down", "--unless-restarting", "--config", str(cfg)])
+    assert cli._parked(args, config) is keep
+    out = capsys.readouterr().out
+    assert ("swap stays on" in out) is keep and out.count("\n") == 1
