@@ -27,7 +27,7 @@ from tests.integration.harness import TIERSWAP, Instance, cli, config_text, left
 from tests.integration.test_restart import (
     SwapWatcher,
     held_workload,
-    kernel_log,
+    log_mark,
     new_swap_errors,
 )
 from tests.integration.test_swap import finish, wait_held, workload
@@ -94,7 +94,7 @@ def test_every_process_killed_then_restored_from_the_fd_store(base):
     cfg = base / "tierswap.toml"
     base.mkdir(parents=True, exist_ok=True)
     cfg.write_text(config_text(base, size="2G", ram="64M", disk="2G", shards=2))
-    log0 = len(kernel_log())
+    log0 = log_mark()
     with NotifyStore(base / "notify") as sd:
         unit = Unit(base, cfg, sd)
         try:

@@ -9,6 +9,7 @@ write error (a process would have seen an I/O error or SIGBUS).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -32,8 +33,21 @@ def kernel_log() -> list[str]:
     return p.stdout.splitlines()
 
 
-def new_swap_errors(before: int) -> list[str]:
-    return [ln for ln in kernel_log()[before:] if any(e in ln for e in SWAP_ERRORS)]
+def _stamp(line: str) -> float:
+    m = re.match(r"\[\s*(\d+\.\d+)\]", line)
+    return float(m.group(1)) if m else 0.0
+
+
+def log_mark() -> float:
+    """Where the kernel log is now: the time of its last line. A line count would not do: the
+    ring buffer drops old lines, and older errors (another test's) would then count as new."""
+    lines = kernel_log()
+    return _stamp(lines[-1]) if lines else 0.0
+
+
+def new_swap_errors(mark: float) -> list[str]:
+    return [ln for ln in kernel_log()
+            if _stamp(ln) > mark and any(e in ln for e in SWAP_ERRORS)]
 
 
 def wait_serving(inst, index: int, restarts: int, timeout: float = 30.0) -> dict:
@@ -108,7 +122,7 @@ def two_shards(make_instance):
 
 def test_a_shard_killed_under_load_comes_back_with_every_page(two_shards, base):
     inst = two_shards
-    log0 = len(kernel_log())
+    log0 = log_mark()
     cg, hold = held_workload(base, 61)
     with cg, workload(cg, "640M", 61, hold) as proc:
         wait_held(proc, hold)
@@ -132,7 +146,7 @@ def test_a_shard_killed_while_pages_are_being_read_back(two_shards, base):
     """The kill lands while swap-in requests are in flight: the kernel keeps them queued on
     the connection (the supervisor holds its fds) and the replacement asks for them again."""
     inst = two_shards
-    log0 = len(kernel_log())
+    log0 = log_mark()
     cg, hold = held_workload(base, 62)
     with cg, workload(cg, "640M", 62, hold) as proc:
         wait_held(proc, hold)
@@ -150,7 +164,7 @@ def test_a_shard_killed_again_while_its_replacement_starts(two_shards, base):
     """The replacement is killed before it serves (state "restarting"): the next replacement
     still finds every page in the kit, and nothing was answered wrongly meanwhile."""
     inst = two_shards
-    log0 = len(kernel_log())
+    log0 = log_mark()
     cg, hold = held_workload(base, 64)
     with cg, workload(cg, "640M", 64, hold) as proc:
         wait_held(proc, hold)
@@ -168,7 +182,7 @@ def test_a_shard_killed_again_while_its_replacement_starts(two_shards, base):
 def test_the_supervisor_killed_leaves_the_shards_serving_and_a_new_one_adopts_them(
         two_shards, base):
     inst = two_shards
-    log0 = len(kernel_log())
+    log0 = log_mark()
     before = pids(inst)
     cg, hold = held_workload(base, 63)
     with cg, workload(cg, "640M", 63, hold) as proc:
@@ -192,7 +206,7 @@ def test_the_supervisor_killed_leaves_the_shards_serving_and_a_new_one_adopts_th
 @pytest.mark.parametrize("command", ["migrate", "compact"])
 def test_a_shard_killed_during_a_move_keeps_a_consistent_map(two_shards, base, command):
     inst = two_shards
-    log0 = len(kernel_log())
+    log0 = log_mark()
     cg, hold = held_workload(base, 64)
     with cg, workload(cg, "640M", 64, hold) as proc:
         wait_held(proc, hold)
@@ -213,7 +227,7 @@ def test_a_shard_killed_during_a_move_keeps_a_consistent_map(two_shards, base, c
 
 def test_restart_replaces_every_process_while_swap_stays_on(two_shards, base):
     inst = two_shards
-    log0 = len(kernel_log())
+    log0 = log_mark()
     before = pids(inst)
     logs_to = os.readlink(f"/proc/{before['supervisor']}/fd/2")
     cg, hold = held_workload(base, 65)
