@@ -388,22 +388,26 @@ class Supervisor:
 
     # -------------------------------------------------------------- tear-down
 
-    async def swapoff_all(self) -> list[str]:
-        """swapoff and detach every device; returns the failures (those stay active).
-
-        A failed shard that holds pages (its kit) is tried once more first: nobody serves its
-        connection, so its swapoff would wait on its first page forever. If it cannot come
-        back, nothing is swapped off at all and that is the failure."""
+    async def _revive_for_down(self) -> str | None:
+        """Before `down` swapoffs anything: a shard whose device is in swap but that has no
+        process (it died and its replacement did not come up) is tried once more, since
+        nobody serves its connection and its swapoff would wait on its first page forever.
+        The failure if it cannot come back (then nothing is swapped off). Not on the signal
+        path: there every shard got the signal too and takes its own device out."""
         for slot in self.slots:
             async with slot.lock:  # a retry or a restore of this shard holds it meanwhile
                 if (slot.kit.fds and slot.device is not None
                         and (slot.pidfd is None or slot.exited.is_set())
                         and slot.device in system.active_swaps()):
                     if not await self.respawn(slot, attempts=1):
-                        return [f"{slot.device} (shard {slot.index}) has no process that can "
+                        return (f"{slot.device} (shard {slot.index}) has no process that can "
                                 "serve it, so its swapoff would never end; its pages are kept "
-                                "(status says why); 'tierswap down --force' gives them up"]
+                                "(status says why); 'tierswap down --force' gives them up")
                     self._served_again(slot)
+        return None
+
+    async def swapoff_all(self) -> list[str]:
+        """swapoff and detach every device; returns the failures (those stay active)."""
         failed = []
         for slot in self.slots:
             err = await self._swapoff(slot)
@@ -749,6 +753,9 @@ class Supervisor:
             return await self.park()
         if isinstance(req, commands.Down):
             # swapoff here, so that a failure reaches the operator and nothing is stopped
+            dead = await self._revive_for_down()
+            if dead is not None:
+                raise ControlError(f"swapoff failed, swap stays active: {dead}")
             failed = await self.swapoff_all()
             if failed:
                 raise ControlError(f"swapoff failed, swap stays active: {failed[0]}")
