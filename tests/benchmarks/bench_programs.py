@@ -320,14 +320,7 @@ def run_backend(be: bs.Backend | None, programs: list[Program], limits: dict[str
             res["foreign_swaps"] = watcher.stop()
             res["contaminated"] = bool(res["foreign_swaps"])
         if be is not None:
-            ours = be.swap_names()
-            try:
-                be.teardown()
-            finally:
-                left = [n for n in active_swaps() if n in ours]
-                if left:
-                    print(f"WARNING: our swap still active after {be.name}: {', '.join(left)}",
-                          file=sys.stderr)
+            bs.teardown_checked(be)
     return res
 
 

@@ -702,6 +702,18 @@ def summarize_profile(path: Path, seconds: float, rate: int, top: int = 15) -> d
 # ------------------------------------------------------------------------------ one run
 
 
+def teardown_checked(be: Backend) -> None:
+    """Tear a backend down and say so if any of its swap devices is still active after it."""
+    ours = be.swap_names()
+    try:
+        be.teardown()
+    finally:
+        left = [n for n in active_swaps() if n in ours]
+        if left:
+            print(f"WARNING: our swap still active after {be.name}: {', '.join(left)}",
+                  file=sys.stderr)
+
+
 def run_one(be: Backend, args: argparse.Namespace, run_idx: int, *, profile: bool = False,
             stamp: str = "") -> dict[str, Any]:
     """Set up a backend, run the workload in the cgroup, measure, tear everything down."""
@@ -873,14 +885,7 @@ def run_one(be: Backend, args: argparse.Namespace, run_idx: int, *, profile: boo
             with contextlib.suppress(ChildProcessError, OSError):
                 wl.wait(timeout=30)
         shutil.rmtree(hold.parent, ignore_errors=True)
-        ours = be.swap_names()
-        try:
-            be.teardown()
-        finally:
-            left = [n for n in active_swaps() if n in ours]
-            if left:
-                print(f"WARNING: our swap still active after {be.name}: {', '.join(left)}",
-                      file=sys.stderr)
+        teardown_checked(be)
     return res
 
 
