@@ -254,7 +254,11 @@ class MemoryCgroup:
 
 
 def own_headroom_bytes(
-    pid: int | None = None, *, v1_root: Path = V1_ROOT, v2_root: Path = V2_ROOT
+    pid: int | None = None,
+    *,
+    v1_root: Path = V1_ROOT,
+    v2_root: Path = V2_ROOT,
+    proc_root: Path = Path("/proc"),
 ) -> int | None:
     """Bytes the memory cgroup of ``pid`` (default: this process) can still charge.
 
@@ -263,7 +267,7 @@ def own_headroom_bytes(
     the process is in no memory cgroup. Usage includes reclaimable page cache, so this errs
     on the safe side.
     """
-    proc = Path(f"/proc/{'self' if pid is None else pid}/cgroup")
+    proc = proc_root / ("self" if pid is None else str(pid)) / "cgroup"
     parsed = parse_proc_cgroup(_read(proc))
     if parsed is None:
         return None

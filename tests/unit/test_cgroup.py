@@ -120,7 +120,11 @@ def test_create_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["v1", "v2"])
 def test_own_headroom_walks_up(tmp_path: Path, kind: str) -> None:
-    """Mirror this process's real cgroup path in a fake tree and put limits along it."""
+    """This process's real cgroup path, mirrored into a fake tree of either hierarchy.
+
+    The process's /proc/self/cgroup is rewritten into the other hierarchy's form in a fake
+    /proc, so both kinds run on every host (this one has only one of them).
+    """
     parsed = cgm.parse_proc_cgroup(Path("/proc/self/cgroup").read_text())
     rel = parsed[1] if parsed else "/"
     root = fake_v1(tmp_path) if kind == "v1" else fake_v2(tmp_path)
@@ -128,23 +132,26 @@ def test_own_headroom_walks_up(tmp_path: Path, kind: str) -> None:
         ("memory.limit_in_bytes", "memory.usage_in_bytes")
         if kind == "v1" else ("memory.max", "memory.current")
     )
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(
+        f"7:memory:{rel}\n0::/elsewhere\n" if kind == "v1" else f"0::{rel}\n")
     kw = {"v1_root": root, "v2_root": tmp_path / "none"} if kind == "v1" else {
         "v1_root": tmp_path / "none", "v2_root": root}
-    if parsed is None or parsed[0] != kind:
-        pytest.skip(f"this process is not in a {kind} memory cgroup")
+    kw_all = {**kw, "proc_root": proc}
     group = root / rel.lstrip("/")
     group.mkdir(parents=True, exist_ok=True)
     (group / limit_f).write_text("max\n" if kind == "v2" else "9223372036854771712\n")
     (group / usage_f).write_text(f"{10 * MiB}\n")
-    assert cgm.own_headroom_bytes(**kw) is None
+    assert cgm.own_headroom_bytes(**kw_all) is None
     (group / limit_f).write_text(f"{100 * MiB}\n")
-    assert cgm.own_headroom_bytes(**kw) == 90 * MiB
+    assert cgm.own_headroom_bytes(**kw_all) == 90 * MiB
     if group != root:  # a tighter ancestor wins
         (root / limit_f).write_text(f"{50 * MiB}\n")
         (root / usage_f).write_text(f"{45 * MiB}\n")
-        assert cgm.own_headroom_bytes(**kw) == 5 * MiB
+        assert cgm.own_headroom_bytes(**kw_all) == 5 * MiB
     (group / usage_f).write_text(f"{200 * MiB}\n")
-    assert cgm.own_headroom_bytes(**kw) == 0
+    assert cgm.own_headroom_bytes(**kw_all) == 0
 
 
 needs_root_cgroup = pytest.mark.skipif(
