@@ -23,6 +23,19 @@ from tierswap import system
 TIERSWAP = [sys.executable, "-m", "tierswap"]
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs, wait for it and close its pipes.
+
+    kill() and wait() alone leave a PIPE's file objects open; they are closed only when the
+    garbage collector gets to them, in whatever later test runs then, where filterwarnings =
+    error turns their ResourceWarning into that test's failure.
+    """
+    if proc.poll() is None:
+        proc.kill()
+    with proc:  # Popen.__exit__: close stdin/stdout/stderr, then wait
+        pass
+
+
 def missing_capability() -> str | None:
     if os.geteuid() != 0:
         return "needs root"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import skip_without_capabilities
+from tests.integration.harness import reap, skip_without_capabilities
 from tierswap import system
 
 pytestmark = pytest.mark.integration
@@ -116,9 +116,7 @@ def test_ctrl_c_during_the_tierswap_run_tears_everything_down(clean_machine, tmp
         _, rest = proc.communicate(timeout=600)
         err = "".join(seen) + rest
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     assert proc.returncode == 130, err
     assert "interrupted; everything it set up was removed" in err
     assert not out.exists()

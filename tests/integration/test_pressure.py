@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.integration.harness import TIERSWAP, config_text, stop
+from tests.integration.harness import TIERSWAP, config_text, reap, stop
 from tests.integration.test_swap import finish, run_workload
 from tierswap import system
 from tierswap.cgroup import MemoryCgroup, run_in_cgroup
@@ -27,6 +27,7 @@ def test_daemon_in_the_workloads_cgroup_neither_hangs_nor_dies(base):
     cfg = base / "t.toml"
     # RAM tier "auto"-like and large: only the cgroup's headroom may stop it growing
     cfg.write_text(config_text(base, size="4G", ram="1G", disk="4G"))
+    proc = None
     with MemoryCgroup.create(f"tierswap-hard-{os.getpid()}", 640 * MiB) as cg:
         try:
             up = run_in_cgroup(cg, [*TIERSWAP, "up", "--config", str(cfg)],
@@ -49,5 +50,6 @@ def test_daemon_in_the_workloads_cgroup_neither_hangs_nor_dies(base):
             assert res["phases"]["fill"]["seconds"] < 600
             print(f"hard case passed in {time.monotonic() - t0:.0f}s: {res['phases']}")
         finally:
-            # the workload has exited (or was killed by finish's failure path): swapoff now
+            if proc is not None:
+                reap(proc)  # gone before swapoff, which would pull its pages into the group
             stop(base, cfg)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import start, stop
+from tests.integration.harness import reap, start, stop
 from tierswap import system
 from tierswap.cgroup import MemoryCgroup, run_in_cgroup
 
@@ -146,9 +146,8 @@ def test_remote_target_lost_and_rebuilt(base: Path) -> None:
         assert net["targets"][0]["reconnects"] == 1
         assert net["degraded_segments"] == 0 and net["auth_failures"] == 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            reap(proc)
         stop(inst.base, inst.config)
         for s in servers:
             s.kill()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import cli, leftovers
+from tests.integration.harness import TIERSWAP, cli, leftovers, reap
 from tests.integration.test_swap import finish, wait_held, workload
 from tierswap.cgroup import MemoryCgroup
 
@@ -213,12 +213,15 @@ def test_a_shard_killed_during_a_move_keeps_a_consistent_map(two_shards, base, c
         argv = (["migrate", "--from", "disk", "--to", "ram", "--all"] if command == "migrate"
                 else ["compact", "disk"])
         mover = subprocess.Popen(
-            [*__import__("tests.integration.harness", fromlist=["TIERSWAP"]).TIERSWAP,
+            [*TIERSWAP,
              *argv, "--config", str(inst.config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # the move is under way
-        os.kill(inst.state()["shards"][0]["pid"], signal.SIGKILL)
-        mover.communicate(timeout=600)  # it may fail on the dead shard: that is fine
+        try:
+            time.sleep(1.0)  # the move is under way
+            os.kill(inst.state()["shards"][0]["pid"], signal.SIGKILL)
+            mover.communicate(timeout=600)  # it may fail on the dead shard: that is fine
+        finally:
+            reap(mover)
         wait_serving(inst, 0, 1)
         hold.unlink()
         finish(proc)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import cli, config_text, leftovers, start, stop
+from tests.integration.harness import cli, config_text, leftovers, reap, start, stop
 from tierswap.cgroup import MemoryCgroup, run_in_cgroup
 from tierswap.workload import content_stats
 
@@ -36,9 +36,7 @@ def workload(cg: MemoryCgroup, size: str, seed: int, hold: Path | None = None):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def wait_held(proc: subprocess.Popen, hold: Path, timeout: float = 600) -> None:
@@ -212,3 +210,17 @@ def test_down_force_clears_a_crashed_or_wedged_run(base, how):
         start(base, cfg.read_text())
     finally:
         stop(base, cfg)
+
+
+def test_a_test_failing_inside_workload_leaves_no_open_pipe(base):
+    """workload() reaps the process *and* closes its pipes when the body fails.
+
+    Left open, they are closed by the garbage collector in some later test, whose
+    filterwarnings = error then fails with the ResourceWarning of a pipe it never opened.
+    """
+    hold = base / "hold"
+    with MemoryCgroup.create(f"tierswap-reap-{os.getpid()}", 64 * MiB) as cg:
+        with pytest.raises(RuntimeError), workload(cg, "8M", 3, hold) as proc:
+            raise RuntimeError("the test body failed")
+        assert proc.returncode is not None
+        assert proc.stdout.closed and proc.stderr.closed
