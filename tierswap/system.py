@@ -17,9 +17,10 @@ from typing import Any
 from tierswap.errors import CommandError
 
 
-def run(argv: list[str], timeout: float = 60.0, check: bool = True) -> str:
+def run(argv: list[str], timeout: float = 60.0, check: bool = True,
+        env: dict[str, str] | None = None) -> str:
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except FileNotFoundError:
         raise CommandError(f"{argv[0]}: command not found") from None
     except subprocess.TimeoutExpired:
@@ -99,10 +100,39 @@ def active_swaps() -> dict[str, dict[str, Any]]:
     return out
 
 
-def swapoff(dev: str, timeout: float = 3600.0) -> None:
-    """Pull every page back into memory; can take long and needs RAM for all of them."""
-    if dev in active_swaps():
-        run(["swapoff", dev], timeout=timeout)
+# swapoff(2) answers EINVAL for a device that /proc/swaps still lists when another swapoff of
+# it is under way: the first one took it off the list of writable swap areas, which is where
+# the second looks. The C locale makes swapoff(8) print that errno as this text.
+_C_LOCALE = {**os.environ, "LC_ALL": "C"}
+_SWAPOFF_BUSY = "Invalid argument"
+
+
+def swapoff(dev: str, timeout: float = 3600.0, poll: float = 0.25) -> None:
+    """Pull every page back into memory; can take long and needs RAM for all of them.
+
+    Returns when ``dev`` is out of /proc/swaps, whoever took it out. One signal reaches the
+    supervisor and every shard at once (a stop, the unit's watchdog), so two swapoffs of one
+    device race; the one that comes second fails at once with EINVAL while the first pulls
+    pages back. That is not a failure to report (a shard that believed it would serve on,
+    with nobody left to stop it): wait for the first. If that one fails, the device is
+    writable swap again and this one retries it. Raises CommandError when the device stays in
+    swap (ENOMEM, EINTR, ...) or ``timeout`` runs out.
+    """
+    deadline = time.monotonic() + timeout
+    while dev in active_swaps():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CommandError(f"swapoff {dev}: another swapoff of it still runs after "
+                               f"{timeout:.0f}s")
+        try:
+            run(["swapoff", dev], timeout=left, env=_C_LOCALE)
+            return
+        except CommandError as e:
+            if dev not in active_swaps():
+                return  # the other swapoff finished between ours and this check
+            if not str(e).endswith(_SWAPOFF_BUSY):
+                raise
+        time.sleep(poll)
 
 
 # ---------------------------------------------------------------------------- mounts

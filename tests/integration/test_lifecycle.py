@@ -9,6 +9,7 @@ second SIGTERM while swapoff runs, a control message that crashes the control se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,11 +49,30 @@ def alive(pid: int) -> bool:
     return system.pid_alive(pid)
 
 
-def wait_exit(pid: int, timeout: float = 120) -> None:
+def wait_exit(pid: int, timeout: float = 120, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while alive(pid):
-        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        assert time.monotonic() < deadline, f"process {pid} did not exit: " + what_it_does(pid, log)
         time.sleep(0.05)
+
+
+def what_it_does(pid: int, log: Path | None) -> str:
+    """Who a process that does not exit is and where it waits, for the failure message."""
+    def read(name: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/{name}").read_text(errors="replace")
+        except OSError as e:
+            return f"<{e.strerror}>"
+    threads = []
+    for t in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            threads.append(f"{t.name} {(t / 'comm').read_text().strip()} "
+                           f"wchan={(t / 'wchan').read_text()} "
+                           f"stack={(t / 'stack').read_text().split()[:12]}")
+    tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+    return (f"cmdline={read('cmdline').replace(chr(0), ' ')!r} "
+            f"state={[ln for ln in read('status').splitlines() if ln.startswith('State')]} "
+            f"threads={threads} swaps={system.active_swaps()} log tail:\n{tail}")
 
 
 def in_swap(dev: str) -> bool:
@@ -268,7 +288,7 @@ def test_the_watchdog_signal_to_every_process_stops_swapoff_first(make_instance,
         for pid in pids:
             os.kill(pid, WATCHDOG_SIGNAL)
         for pid in pids:
-            wait_exit(pid)
+            wait_exit(pid, log=inst.run_dir / "tierswap.log")
         assert not any(in_swap(d) for d in inst.devices)
         hold.unlink()
         finish(proc)  # no page was lost on the way out
