@@ -186,7 +186,7 @@ def find_leftovers(config: Config, *, scan: bool = True) -> Leftovers:
         name, majmin = dev.get("name") or "", dev.get("back-maj:min")
         back = dev.get("back-file") or ""
         k = lay.shard_of_file(back)
-        if k is None and name in known and known[name][1] == (majmin or "").strip():
+        if k is None and name in known and known[name][1] == majmin:
             k = known[name][0]
         if k is not None:
             left.shard(k).loops[name] = majmin

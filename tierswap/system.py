@@ -45,12 +45,20 @@ def loop_attach(path: Path) -> str:
 
 
 def loop_list() -> list[dict[str, str]]:
+    """Every loop device: name, back-file, back-maj:min.
+
+    losetup pads BACK-MAJ:MIN to its column width even in JSON ("     0:52  "); the values
+    are stripped here, once, so that every comparison with a device number read elsewhere
+    (mountinfo, the state file) and abort_fuse's "0:" test see the number itself.
+    """
     try:
         out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,BACK-MAJ:MIN"],
                   check=False)
-        return json.loads(out).get("loopdevices", []) if out.strip() else []
+        devs = json.loads(out).get("loopdevices", []) if out.strip() else []
     except (CommandError, ValueError):
         return []
+    return [{k: v.strip() if k == "back-maj:min" and isinstance(v, str) else v
+             for k, v in d.items()} for d in devs if isinstance(d, dict)]
 
 
 def loop_backing_dev(dev: str) -> str | None:

@@ -1,8 +1,9 @@
-"""system.swapoff against a scripted kernel: the races of two swapoffs of one device.
+"""tierswap.system against scripted tools: the races of two swapoffs of one device, and
+what losetup prints.
 
-The kernel's behaviour scripted here: while one swapoff(2) of a device runs, /proc/swaps
-still lists it and a second swapoff(2) of it fails at once with EINVAL; when the first
-fails (ENOMEM), the device is writable swap again.
+For swapoff, the kernel's behaviour scripted here: while one swapoff(2) of a device runs,
+/proc/swaps still lists it and a second swapoff(2) of it fails at once with EINVAL; when the
+first fails (ENOMEM), the device is writable swap again.
 """
 
 from __future__ import annotations
@@ -86,3 +87,15 @@ def test_a_device_not_in_swap_runs_nothing(kernel) -> None:
     k.listed = False
     system.swapoff(DEV)
     assert k.calls == []
+
+
+def test_loop_list_gives_device_numbers_without_losetups_padding(monkeypatch) -> None:
+    """losetup pads BACK-MAJ:MIN in JSON too; unstripped, a FUSE file's "0:52" never matched
+    mountinfo's and abort_fuse(majmin=) never found the connection (down --force after a
+    lazy unmount)."""
+    out = ('{"loopdevices": [{"name": "/dev/loop2", "back-file": "/x/swap.img", '
+           '"back-maj:min": "     0:52  "}]}')
+    monkeypatch.setattr(system, "run", lambda argv, **kw: out)
+    assert system.loop_list() == [
+        {"name": "/dev/loop2", "back-file": "/x/swap.img", "back-maj:min": "0:52"}]
+    assert system.loop_backing_dev("/dev/loop2") == "0:52"
