@@ -36,6 +36,28 @@ def reap(proc: subprocess.Popen) -> None:
         pass
 
 
+# mm/swapfile.c's SWAPFILE_CLUSTER on x86-64: the kernel discards freed swap slots a whole
+# free cluster at a time, never a freed slot whose cluster still holds a used one.
+SWAP_CLUSTER_PAGES = 512
+
+
+def discards_arrived(st: dict, slack: int = 64) -> bool:
+    """Every shard stores no more pages than the kernel can still be holding back discards for.
+
+    After a workload exits, the kernel discards its slots as their clusters empty. A slot in
+    use by anyone else (another process's page, the swap cache) keeps its cluster, so up to
+    SWAP_CLUSTER_PAGES freed slots around it stay stored until that one goes too (seen in CI:
+    3 pages in use kept 407 stored). Without discards reaching us the map would keep the
+    workload's tens of thousands of pages: this still tells the two apart. `slack`: mkswap's
+    header page and what the status read races with.
+    """
+    for sh in st["shards"]:
+        used = (sh.get("swap") or {}).get("used", 0) // 4096
+        if sh["stored_pages"] > max(slack, used * SWAP_CLUSTER_PAGES):
+            return False
+    return True
+
+
 def missing_capability() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
