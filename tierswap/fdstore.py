@@ -471,7 +471,7 @@ def check_restorable(restored: Restored, config: Any) -> None:
         dev = rec.get("loop")
         if not isinstance(dev, str) or dev not in swaps:
             restored.drop(shard, f"its device ({dev or 'none recorded'}) is not in swap")
-        elif (system.loop_backing_dev(dev) or "").strip() != rec.get("backing"):  # losetup pads
+        elif system.loop_backing_dev(dev) != rec.get("backing"):
             restored.drop(shard, f"{dev} is no longer backed by its FUSE file")
 
 
