@@ -110,8 +110,7 @@ def active_swaps() -> dict[str, dict[str, Any]]:
 
 # swapoff(2) answers EINVAL for a device that /proc/swaps still lists when another swapoff of
 # it is under way: the first one took it off the list of writable swap areas, which is where
-# the second looks. The C locale makes swapoff(8) print that errno as this text.
-_C_LOCALE = {**os.environ, "LC_ALL": "C"}
+# the second looks. In the C locale swapoff(8) prints that errno as this text.
 _SWAPOFF_BUSY = "Invalid argument"
 
 
@@ -133,7 +132,7 @@ def swapoff(dev: str, timeout: float = 3600.0, poll: float = 0.25) -> None:
             raise CommandError(f"swapoff {dev}: another swapoff of it still runs after "
                                f"{timeout:.0f}s")
         try:
-            run(["swapoff", dev], timeout=left, env=_C_LOCALE)
+            run(["swapoff", dev], timeout=left, env={**os.environ, "LC_ALL": "C"})
             return
         except CommandError as e:
             if dev not in active_swaps():
