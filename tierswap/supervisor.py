@@ -4,117 +4,56 @@ everything down again in the one safe order (swapoff, detach, unmount, stop).
 `tierswap up --foreground` runs this in the calling process (systemd's main process);
 `tierswap up` starts it detached and returns once swap is active. Any failure on the way up
 undoes what was done so far: nothing stays mounted, attached or half-started.
+
+This module owns one supervisor's life: a fresh bring-up, a copy of every shard's kit (the
+keeper, and systemd's fd store when there is one), watching each shard and replacing it from
+its kit when it dies or hangs, the control fan-out, and tear-down. What passes from one
+supervisor to the next (`restart`, `systemctl restart`, adopting the shards of a dead one,
+restoring from the fd store) is tierswap/handover.py, reached from `preflight`, `_serve` and
+`handle`; the record of one shard is tierswap/slot.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from tierswap import commands, fdstore, hardening, summary, system
-from tierswap.cleanup import (
-    adoptable_shards,
-    clear_shards,
-    force_cleanup,
-    read_state,
-    running_supervisor,
-    stale_state,
-    write_private,
-)
+from tierswap import commands, fdstore, handover, hardening, summary, system
+from tierswap.cleanup import force_cleanup, running_supervisor, stale_state, write_private
 from tierswap.commands import ShardReply
-from tierswap.config import Config, format_size, load_config, make_private_dir
+from tierswap.config import Config, format_size, make_private_dir
 from tierswap.control import Progress, acall, first_error, serve_control
-from tierswap.errors import CommandError, ControlError, StartError, TierswapError
+from tierswap.errors import CommandError, ControlError, StartError
+from tierswap.fdstore import sd_notify
 from tierswap.keeper import SWEEP_EVERY, KitKeeper
 from tierswap.kit import Kit, KitError, boot_id, check_manifest, fetch_kit
-from tierswap.layout import Layout, ShardLayout
+from tierswap.layout import Layout
 from tierswap.procs import Pidfd, ProcessId
+from tierswap.slot import FAILED, RESTARTING, RETRY_FIRST, SERVING, STOP_TIMEOUT, ShardSlot
 from tierswap.tasks import STOP_SIGNALS, TaskBoard, keep_running, signal_name, started_at_once
 
 log = logging.getLogger("tierswap.supervisor")
 
 MOUNT_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
 CONTROL_RESTART = (0.2, 2.0)  # backoff of the public control server after a fault
 PING_INTERVAL = 5.0  # seconds between the supervisor's pings of each shard
 HUNG_AFTER = 60.0  # a shard silent this long while its process lives is hung
 RESPAWN_TIMEOUT = 30.0  # a replacement must answer within this (issue 10: serving in 10 s)
 RESPAWN_ATTEMPTS = 3  # replacements tried in a row before a shard is declared failed
-RESTART_TIMEOUT = 120.0  # a new supervisor must have taken the shards over within this
-RETRY_FIRST, RETRY_MAX = 5.0, 300.0  # a failed shard with its kit is tried again, backing off
-
-
-# ---------------------------------------------------------------------------- sd_notify
-
-
-def sd_notify(msg: str) -> None:
-    """The sd_notify(3) datagram, without a dependency; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(msg.encode())
-    except OSError as e:
-        log.warning("sd_notify failed: %s", e)
+RETRY_MAX = 300.0  # a failed shard with its kit is tried again, backing off up to this
 
 
 # ---------------------------------------------------------------------------- supervisor
-
-
-SERVING, RESTARTING, FAILED, STARTING = "serving", "restarting", "failed", "starting"
-
-
-@dataclass
-class ShardSlot:
-    """The supervisor's record of one shard: its process, its device and its state.
-
-    One owner (the supervisor's trio thread) changes it; `info()` is what status reports.
-    `lock` serialises what is done to the shard's device (swapoff, detach), so a shard's
-    death and a `down` never act on it at once.
-    """
-
-    index: int
-    paths: ShardLayout
-    proc: trio.Process | None = None  # our child; None for a shard adopted from elsewhere
-    pidfd: Pidfd | None = None  # watched for the process's exit (child or not)
-    ident: ProcessId | None = None  # pid and start time, for state.json
-    device: str | None = None  # the loop device while it is attached
-    backing: str | None = None  # major:minor of the FUSE file under the loop device
-    state: str = STARTING
-    restarts: int = 0
-    reason: str | None = None  # why it is not serving
-    kit: Kit = field(default_factory=Kit)
-    exited: trio.Event = field(default_factory=trio.Event)  # its current process is gone
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    silent_since: float | None = None  # trio time of the first unanswered ping in a row
-    handing_off: bool = False  # asked to hand its kit over to a replacement (restart)
-    retry_at: float | None = None  # failed with its kit held: trio time of the next attempt
-    retry_every: float = RETRY_FIRST
-
-    @property
-    def pid(self) -> int | None:
-        return self.ident.pid if self.ident is not None else None
-
-    def info(self) -> dict[str, Any]:
-        return {"index": self.index, "pid": self.pid, "device": self.device,
-                "state": self.state, "restarts": self.restarts, "reason": self.reason}
 
 
 class Supervisor:
@@ -159,39 +98,9 @@ class Supervisor:
         if running is not None and running != self.takeover:
             raise StartError(f"already running (pid {running.pid}); use 'tierswap down' first")
         if self.takeover is not None:  # `tierswap restart`: the shards are handed over to us
-            if running is None:
-                raise StartError("the supervisor to take over is gone")
-            self.adopting = set(adoptable_shards(cfg, takeover=True))
-            missing = sorted(set(range(cfg.shards)) - self.adopting)
-            if missing:
-                raise StartError(f"shard(s) {', '.join(map(str, missing))} do not answer: "
-                                 "nothing taken over, the running supervisor keeps serving")
+            handover.check_takeover(self, running)
             return
-        listened = fdstore.listen_fds()
-        restored = fdstore.rebuild(listened) if listened else None
-        # with kits passed back, nobody may serve our devices yet: no /proc scan (cleanup.py)
-        scan = restored is None or not restored.kits
-        self.adopting = set(adoptable_shards(cfg, scan=scan))
-        if self.adopting:
-            # A supervisor died and left shards serving: take them over (issue 10). Anything
-            # else of that run (a shard that died with it) is cleared shard by shard.
-            log.warning("taking over shards %s of a supervisor that is gone",
-                        ", ".join(map(str, sorted(self.adopting))))
-            if restored is not None:  # the live shards' kits are what counts
-                restored.close()
-                self.fdstore.adopt(restored)
-            clear_shards(cfg, keep=self.adopting, scan=scan)
-        elif restored is not None and self._restorable(restored):
-            # systemd restarted the unit (or it crashed) and passed the kits back: every
-            # process is gone, the devices are still in swap, the connections alive
-            self.restoring = restored
-            self.fdstore.adopt(restored)
-            log.warning("restoring shards %s from the fd store (swap stayed on)",
-                        ", ".join(map(str, sorted(restored.kits))))
-            clear_shards(cfg, keep=set(restored.kits), scan=False)  # what cannot be restored
-        else:
-            if restored is not None:
-                self.fdstore.adopt(restored)  # nothing usable: remove it from the store
+        if not handover.inherit(self):  # no live shards, no kits passed back: a fresh start
             left = stale_state(cfg)
             if left:
                 log.warning("clearing state left by a crashed run: %s", "; ".join(left))
@@ -211,61 +120,6 @@ class Supervisor:
                     msg = f"tier {t.name}: cannot prepare {t.path}: {e.strerror}"
                     raise StartError(msg) from None
                 log.info("tier %s: %s%s", t.name, done, f" ({t.sizing})" if t.sizing else "")
-
-    def _restorable(self, restored: fdstore.Restored) -> bool:
-        """Whether kits passed back by systemd can be restored (some can); see fdstore."""
-        try:
-            fdstore.check_restorable(restored, self.config)
-        except KitError as e:
-            raise StartError(f"{e}; swap stays on, nothing cleared") from None
-        for k, why in sorted(restored.problems.items()):
-            log.error("shard %d cannot be restored from the fd store: %s", k, why)
-        for line in fdstore.stop_leftovers(self.config, restored.kits):
-            log.warning("%s", line)
-        return bool(restored.kits)
-
-    async def restore(self) -> None:
-        """Start every shard from the kit systemd passed back (its processes are gone; its
-        device, connection, map and arenas are not): the respawn path, for every shard at
-        once. A shard without a usable kit was cleared in preflight and starts afresh."""
-        assert self.restoring is not None
-        st = read_state(self.config)
-        recs = {r.get("shard"): r for r in st.get("shards", []) if isinstance(r, dict)}
-        for slot in self.slots:
-            kit = self.restoring.kits.pop(slot.index, None)
-            if kit is None:
-                continue
-            rec = recs[slot.index]
-            slot.device, slot.backing, slot.kit = rec["loop"], rec.get("backing"), kit
-            await trio.to_thread.run_sync(self.keeper.deposit, slot.index, kit)
-            slot.state = RESTARTING
-        self.active = True
-        self._write_state()
-        for slot in self.slots:
-            if slot.state != RESTARTING:
-                await self._fresh(slot)
-            elif await self.respawn(slot):
-                slot.state, slot.reason = SERVING, None
-                log.info("shard %d restored (pid %s), serving %s", slot.index, slot.pid,
-                         slot.device)
-            else:
-                self._failed_with_kit(slot, "not restored from the fd store")
-            self._write_state()
-        self._write_session()
-
-    async def _fresh(self, slot: ShardSlot) -> None:
-        """Bring one shard up from nothing (mount, loop, mkswap, swapon), as `bring_up`."""
-        await self._spawn(slot)
-        assert slot.proc is not None
-        await self._wait_mounted(slot.index, slot.proc)
-        await self._deposit(slot)
-        slot.state = SERVING
-        slot.device = await trio.to_thread.run_sync(system.loop_attach, slot.paths.swap_file)
-        slot.backing = system.mount_device(str(slot.paths.mountpoint))
-        self._write_state()
-        await trio.to_thread.run_sync(system.mkswap, slot.device)
-        await trio.to_thread.run_sync(system.swapon, slot.device, self.config.priority,
-                                      self.config.swapon_flags)
 
     async def _spawn(self, slot: ShardSlot) -> None:
         """Start shard `slot.index` (with its kit, once there is one) and watch its process."""
@@ -324,30 +178,6 @@ class Supervisor:
         self.active = True
         self._write_state()
         self._write_session()
-
-    async def adopt(self) -> None:
-        """Take over the shards a dead supervisor left serving: their processes (watched by
-        pidfd: they are not our children), their devices (from state.json), their kits."""
-        st = read_state(self.config)
-        recs = {r.get("shard"): r for r in st.get("shards", []) if isinstance(r, dict)}
-        for slot in self.slots:
-            rec = recs.get(slot.index)
-            ident = ProcessId.from_record(rec) if slot.index in self.adopting else None
-            pidfd = Pidfd.open(ident, config_path=self.config_path) if ident else None
-            if rec is None or pidfd is None:
-                slot.state, slot.reason = FAILED, "died with the supervisor (no kit to restart)"
-                continue
-            slot.ident, slot.pidfd, slot.proc = pidfd.ident, pidfd, None
-            slot.device, slot.backing = rec.get("loop"), rec.get("backing")
-            slot.exited = trio.Event()
-            await self._deposit(slot)
-            slot.state = SERVING
-            assert self._outer is not None
-            self._outer.start_soon(self._watch, slot, pidfd, None)
-            log.info("shard %d (pid %d) adopted, serving %s", slot.index, slot.pid,
-                     slot.device or "no device")
-        self.active = any(s.device for s in self.slots)
-        self._write_state()
 
     async def _deposit(self, slot: ShardSlot) -> None:
         """Take a copy of the shard's kit (its fds, over its control socket) and keep it."""
@@ -748,9 +578,9 @@ class Supervisor:
         if isinstance(req, commands.Ping):
             return {"pid": os.getpid(), "active": self.active}
         if isinstance(req, commands.Restart):
-            return await self.hand_over(req.config)
+            return await handover.hand_over(self, req.config)
         if isinstance(req, commands.Park):
-            return await self.park()
+            return await handover.park(self)
         if isinstance(req, commands.Down):
             # swapoff here, so that a failure reaches the operator and nothing is stopped
             dead = await self._revive_for_down()
@@ -762,130 +592,6 @@ class Supervisor:
             self.shutdown.set()
             return {"stopping": True}
         return req.combine(await self.fanout(req, progress))
-
-    async def hand_over(self, config_path: str | None = None) -> dict[str, Any]:
-        """`tierswap restart`: start a supervisor running the code installed now, let it take
-        the shards over (their kits, their processes), and exit without tearing anything down
-        once it reports ready. It then replaces the shards one at a time. Swap stays on."""
-        if self.taking_over or self.replacing:
-            raise ControlError("a restart is already under way")
-        if self.shutdown.is_set():
-            raise ControlError("stopping: no restart")
-        for slot in self.slots:
-            if slot.state != SERVING or slot.pidfd is None:
-                raise ControlError(f"shard {slot.index} is {slot.state}: a restart needs every "
-                                   "shard serving (its kit would stay behind)")
-        self.taking_over = True
-        r, w = os.pipe()
-        argv = [sys.executable, "-m", "tierswap", "up", "--foreground"]
-        config_path = config_path or self.config_path
-        if config_path:
-            argv += ["--config", config_path]
-        env = dict(os.environ, TIERSWAP_READY_FD=str(w),
-                   TIERSWAP_TAKEOVER=self.ident.format().strip())
-        # stdout and stderr are this supervisor's own: the journal under the unit (with
-        # JOURNAL_STREAM), the log file of a detached `up`; the new one logs where we did.
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, pass_fds=(w,),
-                                    start_new_session=True)
-        finally:
-            os.close(w)
-        line = ""
-        try:
-            with trio.move_on_after(RESTART_TIMEOUT):
-                line = await _read_line_fd(r)
-        finally:
-            os.close(r)
-        if not line.startswith("READY"):
-            self.taking_over = False
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await trio.to_thread.run_sync(proc.wait)
-            why = (line[6:] if line.startswith("ERROR") else
-                   f"it ended without a word (see {self.layout.log_file})" if line == "" and
-                   proc.returncode != -signal.SIGKILL else "no word from it in time")
-            raise ControlError(f"restart: the new supervisor did not take over: {why}")
-        log.info("supervisor pid %d took over; this one exits, swap stays on", proc.pid)
-        sd_notify(f"MAINPID={proc.pid}")  # under systemd the new one is the main process now
-        self.handed_over = True
-        self.shutdown.set()
-        return {"supervisor": proc.pid}
-
-    async def park(self) -> dict[str, Any]:
-        """`systemctl restart` (ExecStop= `tierswap down --unless-restarting`): every shard
-        stops serving without swapoff (a hand-off with no successor yet), then this supervisor
-        exits without tear-down. Only with every kit in systemd's fd store, which passes them
-        to the next start (`restore`); the kernel holds the requests meanwhile."""
-        if self.taking_over or self.replacing or self.shutdown.is_set():
-            raise ControlError("park: a restart or a stop is already under way")
-        for slot in self.slots:
-            if slot.state != SERVING or slot.pidfd is None:
-                raise ControlError(f"park: shard {slot.index} is {slot.state}")
-            if not self._stored.get(slot.index):
-                raise ControlError(f"park: shard {slot.index}'s kit is not (all) in the fd store")
-        try:  # what the next start will read: it must find the kits fit (else no page back)
-            upcoming = load_config(self.config_path)
-        except TierswapError as e:
-            raise ControlError(f"park: the configuration the next start reads: {e}") from None
-        for slot in self.slots:
-            try:
-                check_manifest(slot.kit.manifest, upcoming, slot.index)
-            except KitError as e:
-                raise ControlError(f"park: shard {slot.index}: {e}; the next start could not "
-                                   "take its pages over") from None
-        self.taking_over = True  # a shard's exit from here on is expected
-        for slot in self.slots:
-            slot.handing_off = True
-            try:
-                await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
-                with trio.fail_after(STOP_TIMEOUT):
-                    await slot.exited.wait()
-            except (ControlError, trio.TooSlowError) as e:
-                # too late to go back for the shards already parked: kill it, the kit is stored
-                log.error("shard %d did not hand over (%s): killed", slot.index, e)
-                if slot.pidfd is not None:
-                    slot.pidfd.send_signal(signal.SIGKILL)
-        log.warning("parked for a restart: every kit is in systemd's fd store, swap stays on")
-        self.handed_over = True
-        self.shutdown.set()
-        return {"parked": [s.index for s in self.slots]}
-
-    async def replace_shards(self) -> None:
-        """After a takeover: each shard in turn hands its kit over and a process running the
-        code installed now takes its place (the kernel holds its requests meanwhile)."""
-        self.replacing = True
-        try:
-            await self._replace_shards()
-        finally:
-            self.replacing = False
-
-    async def _replace_shards(self) -> None:
-        if self.takeover is not None:
-            old = Pidfd.open(self.takeover)
-            if old is not None:  # the supervisor we replaced exits once we reported ready
-                with old, trio.move_on_after(STOP_TIMEOUT):
-                    await old.wait_exit()
-        for slot in self.slots:
-            if slot.state != SERVING or slot.pidfd is None:
-                continue
-            slot.handing_off = True
-            try:
-                await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
-                with trio.fail_after(STOP_TIMEOUT):
-                    await slot.exited.wait()
-            except (ControlError, trio.TooSlowError) as e:
-                log.error("shard %d did not hand over (%s): left as it is", slot.index, e)
-                slot.handing_off = False
-                continue
-            slot.handing_off = False
-            slot.state = RESTARTING
-            self._write_state()
-            if await self.respawn(slot):
-                slot.state, slot.reason = SERVING, None
-                log.info("shard %d replaced (pid %s)", slot.index, slot.pid)
-            else:
-                self._failed_with_kit(slot, "no replacement came up after a restart")
-            self._write_state()
 
     async def watchdog(self) -> None:
         """Ping systemd while the supervisor itself works (its loop runs and its control
@@ -959,9 +665,9 @@ class Supervisor:
             with trio.CancelScope() as bring_up_scope:
                 self._bring_up_scope = bring_up_scope
                 if self.adopting:
-                    await self.adopt()
+                    await handover.adopt(self)
                 elif self.restoring is not None:
-                    await self.restore()
+                    await handover.restore(self)
                 else:
                     await self.bring_up()
         except (StartError, CommandError) as e:
@@ -985,7 +691,7 @@ class Supervisor:
             _report(ready_fd, f"READY {' '.join(self.loops)}")
             sd_notify("READY=1")
             if self.takeover is not None:
-                nursery.start_soon(self.replace_shards)
+                nursery.start_soon(handover.replace_shards, self)
             for name, fn in (("monitor", self.monitor), ("watchdog", self.watchdog),
                              ("status", self.status_line), ("keeper", self.sweep)):
                 nursery.start_soon(partial(keep_running, self.board, name, started_at_once(fn)))
@@ -1008,22 +714,6 @@ def _status(code: int | None) -> str:
     if code is None:
         return "status unknown"
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
-
-
-async def _read_line_fd(fd: int) -> str:
-    """One line from a pipe, waiting in trio (EOF: what there is)."""
-    os.set_blocking(fd, False)
-    buf = b""
-    while b"\n" not in buf:
-        await trio.lowlevel.wait_readable(fd)
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        buf += chunk
-    return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
 
 
 def _report(fd: int | None, msg: str) -> None:
@@ -1055,3 +745,4 @@ def supervise(config: Config, config_path: str | None, ready_fd: int | None = No
     except CommandError as e:
         raise StartError(str(e)) from None
     return 0
+

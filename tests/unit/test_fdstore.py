@@ -345,6 +345,7 @@ def test_park_is_refused_unless_every_kit_is_in_the_store(tmp_path):
     """A restart may skip the swapoff only with every kit stored: a shard whose kit systemd
     does not hold would die with its connection."""
     from tests.unit.test_supervisor_watch import make_sup
+    from tierswap import handover
     from tierswap.errors import ControlError
     from tierswap.supervisor import SERVING
 
@@ -356,16 +357,16 @@ def test_park_is_refused_unless_every_kit_is_in_the_store(tmp_path):
             slot.pidfd = object()  # type: ignore[assignment]  # "a live process"
         sup._stored = {0: True}  # shard 1's kit did not (all) make it into the store
         with pytest.raises(ControlError, match=r"shard 1's kit is not \(all\) in the fd store"):
-            await sup.park()
+            await handover.park(sup)
         sup.slots[1].state = "restarting"
         with pytest.raises(ControlError, match="shard 1 is restarting"):
-            await sup.park()
+            await handover.park(sup)
         sup.slots[1].state = SERVING
         sup._stored = {0: True, 1: True}
         for slot in sup.slots:  # kits of another geometry than the config the next start reads
             slot.kit.manifest = {"version": -1}
         with pytest.raises(ControlError, match=r"shard 0: kit version -1.*could not take its"):
-            await sup.park()
+            await handover.park(sup)
         assert not sup.shutdown.is_set() and not sup.handed_over
 
     import trio
