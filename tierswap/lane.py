@@ -154,6 +154,18 @@ class LaneStatistics:
     tiers: tuple[TierStatistics, ...]
 
 
+async def _write_lent(store: Store, base: int, view: memoryview, life: int) -> None:
+    """`store.write` of a view of the lane's own buffer (a job's or a move's), released when
+    the write returns or fails. The lane refuses to resume a job or finish a move while its
+    buffer is exported, and a view left to the garbage collector stays exported for as long
+    as anything refers to it: trio before 0.34 kept the function a worker thread ran (and so
+    a file tier's view) until the OS scheduled that thread again, after the task had resumed.
+    A store must not keep `data` past its write; if it exported it further and kept that,
+    release() raises BufferError here, naming the fault instead of wedging the lane."""
+    with view:
+        await store.write(base, view, life)
+
+
 def map_size_for(share: int) -> int:
     npages = share // PAGE_SIZE
     return (npages * MAP_BYTES_PER_PAGE + MAP_EXTRA + (1 << 20) - 1) >> 20 << 20
@@ -287,7 +299,7 @@ class LaneService:
                     assert isinstance(store, Store)
                     try:
                         if write:
-                            await store.write(base, buf[offset : offset + length], life)
+                            await _write_lent(store, base, buf[offset : offset + length], life)
                         else:
                             data = await store.read(base, length)
                             if len(data) != length:
@@ -382,7 +394,7 @@ class LaneService:
                     for tier, base, length, offset, life in ops:
                         dst = self.tiers[tier]
                         assert isinstance(dst, Store)
-                        await dst.write(base, buf[offset : offset + length], life)
+                        await _write_lent(dst, base, buf[offset : offset + length], life)
             return cur.npages if mv.commit() else 0
         finally:
             mv.abort()  # a no-op after commit; otherwise gives back the pin and any allocation

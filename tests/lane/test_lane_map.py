@@ -263,7 +263,9 @@ async def start_move(rig: LaneRig, run: RunInfo, to: int):
     assert ops is not None
     with memoryview(mv) as buf:
         for tier, base, length, offset, life in ops:
-            await rig.svc.tiers[tier].write(base, buf[offset : offset + length], life)
+            with buf[offset : offset + length] as piece:  # released now, as lane.py does:
+                # commit() refuses while the move's buffer is exported
+                await rig.svc.tiers[tier].write(base, piece, life)
     return mv
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 from tests.lane.harness import PAGE, open_lane
@@ -70,3 +71,36 @@ async def test_moves_keep_the_books():
         assert st.tiers[0].pages == 0 and st.tiers[1].pages == 512
         assert st.tiers[0].stored_bytes == 0
         assert await c.read_all(0, len(data)) == data
+
+
+async def test_a_store_holding_on_to_its_buffer_never_wedges_a_request_or_a_move():
+    """A store's write gets a view of the lane's buffer, lent for the call only. A reference
+    that outlives the call (trio < 0.34's worker thread kept the function it ran, and so the
+    view, until the OS scheduled it again; any store may keep one by accident) must not keep
+    the buffer exported: the lane refuses to resume a request or finish a move whose buffer
+    is still exported: a LaneError that ended the lane's trio side (the job) or the move."""
+    async with open_lane(size=16 << 20, mem="4M", disk="16M") as rig:
+        c, svc = rig.client, rig.svc
+        disk = svc.tiers[1]
+        real_write = disk.write
+        kept: list[memoryview] = []
+
+        async def keeping_write(base, data, life):
+            await real_write(base, data, life)
+            kept.append(data)  # still referenced once the write returned
+
+        disk.write = keeping_write  # type: ignore[method-assign]
+        data = os.urandom(1500 * PAGE)  # more than the RAM tier holds: requests spill to disk
+        await c.write_all(0, data)
+        spilled = len(kept)
+        assert spilled and rig.stats().tiers[1].pages > 0
+        moved = 0
+        async for r in svc.runs(0):  # and moves from RAM to the disk
+            if r.tier == 0:
+                moved += await svc.move(r, [1])
+                break
+        assert moved > 0 and len(kept) > spilled
+        assert await c.read_all(0, len(data)) == data
+        for view in kept:  # what was kept is a released view, not the lane's memory
+            with pytest.raises(ValueError, match="released"):
+                view.tobytes()

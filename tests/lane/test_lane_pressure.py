@@ -236,16 +236,19 @@ async def test_a_policy_pass_over_a_million_records_never_stalls_a_read():
                 # RAM: served by the lane alone; disk: the store's read runs on trio, beside it
                 n.start_soon(trio.to_thread.run_sync, native_reader)
                 n.start_soon(trio_reader)
-                with trio.fail_after(30):
-                    while not (reads["ram"] and reads["disk"]):
-                        await trio.sleep(0.01)
-                marks = [time.clock_gettime(trio_cpu)]
-                inspected = await pol.inspect()  # one full pass over every record
-                marks.append(time.clock_gettime(trio_cpu))
-                budget = iter(range(5000))  # a demotion: a histogram pass, then moves
-                moved = await pol.demote(0, lambda: next(budget, None) is not None)
-                marks.append(time.clock_gettime(trio_cpu))
-                done.set()
+                try:
+                    with trio.fail_after(30):
+                        while not (reads["ram"] and reads["disk"]):
+                            await trio.sleep(0.01)
+                    marks = [time.clock_gettime(trio_cpu)]
+                    inspected = await pol.inspect()  # one full pass over every record
+                    marks.append(time.clock_gettime(trio_cpu))
+                    budget = iter(range(5000))  # a demotion: a histogram pass, then moves
+                    moved = await pol.demote(0, lambda: next(budget, None) is not None)
+                    marks.append(time.clock_gettime(trio_cpu))
+                finally:  # also when a reader or the pass fails (the nursery cancels this):
+                    # the thread cannot be abandoned, it ends only when it sees `done`
+                    done.set()
         finally:
             svc.lane = lane
         assert inspected["tiers"][0]["pages"] >= 1_000_000

@@ -18,16 +18,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from tierswap.errors import CommandError
 
+if TYPE_CHECKING:
+    from tests.lane.harness import AsyncClient
+
 DEV = "/dev/loop99"
 
 
 class FakeMounter:
-    """A "mount" that is a socketpair: the lane serves `lane_end`, a test talks on `client_end`."""
+    """A "mount" that is a socketpair: the lane serves one end, a test talks on the other
+    through `client()`."""
 
     def __init__(self, host: FakeHost) -> None:
         self.host = host
@@ -35,17 +40,34 @@ class FakeMounter:
         self.closed: bool | None = None  # True once unmounted
         self.unmounted_in_swap = False
         self.client_end: socket.socket | None = None
-        self._lane_end: socket.socket | None = None
 
     async def mount(self, paths, nclones: int) -> tuple[int, list[int]]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (a, b):
             s.setsockopt(socket.SOL_SOCKET, 32, 4 << 20)  # SO_SNDBUFFORCE
             s.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE
-        self.client_end, self._lane_end = a, b
+        self.client_end = a
         self.mounted = True
-        # the kit owns (and closes) what it is given: dups of the lane's end
-        return os.dup(b.fileno()), [os.dup(b.fileno()) for _ in range(nclones)]
+        # the kit owns (and closes) what it is given: the lane's end itself and dups of it, so
+        # no socket object of ours is left for the garbage collector to close
+        fd = b.detach()
+        return fd, [os.dup(fd) for _ in range(nclones)]
+
+    def client(self, nursery: trio.Nursery) -> AsyncClient:
+        """A FUSE client on the test's end, its replies received by a task in `nursery` that
+        closes the socket when it ends (never left to the garbage collector)."""
+        from tests.lane.harness import AsyncClient  # not at the top: the child process runs
+        # this file as a script, without the repository on sys.path
+
+        assert self.client_end is not None, "not mounted"
+        client = AsyncClient(trio.socket.from_stdlib_socket(self.client_end))
+
+        async def receive() -> None:
+            with client.sock:
+                await client.receiver()
+
+        nursery.start_soon(receive)
+        return client
 
     def unmount(self, paths) -> None:
         self.closed = True

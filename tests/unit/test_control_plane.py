@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import trio
 
-from tests.lane.harness import AsyncClient
 from tests.unit.shard_fakes import FakeHost, FakeMounter
 from tierswap import cli, commands, system
 from tierswap.config import parse_config
@@ -35,12 +34,6 @@ from tierswap.workload import expected_pages
 
 PAGE = 4096
 NPAGES = 512
-
-# serve_control's listening socket is closed by the garbage collector when a test's nursery
-# is cancelled (control.py's, not ours to change here)
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <socket.socket fd=\d+, family=1,:"
-    "pytest.PytestUnraisableExceptionWarning")
 
 
 def make_config(tmp_path: Path, shards: int = 2):
@@ -85,9 +78,7 @@ async def cluster(tmp_path: Path, nursery: trio.Nursery, shards: int = 2, broken
         me = Shard(cfg, slot.index, Kit(), mounter=mounter, host=mounter.host, threads=2)
         await nursery.start(me.serve)
         running.append(me)
-        assert mounter.client_end is not None
-        client = AsyncClient(trio.socket.from_stdlib_socket(mounter.client_end))
-        nursery.start_soon(client.receiver)
+        client = mounter.client(nursery)
         await client.write(0, expected_pages(slot.index, np.arange(64)).tobytes())
     await nursery.start(serve_control, lay.control_socket, sup.handle)
     try:
@@ -148,9 +139,13 @@ async def silent_shard(path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> N
     task_status.started()
     conns = []
     with sock:
-        while True:
-            conn, _ = await sock.accept()
-            conns.append(conn)  # kept open, never answered
+        try:
+            while True:
+                conn, _ = await sock.accept()
+                conns.append(conn)  # kept open, never answered
+        finally:
+            for conn in conns:
+                conn.close()
 
 
 async def garbage_shard(path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -391,10 +391,6 @@ def test_every_metric_is_documented(status):
     assert not missing, f"not in docs/operations.md: {missing}"
 
 
-# control.serve_control does not close its listening socket when it is cancelled, which the
-# garbage collector reports as an unclosed socket at the end of this test (not ours to fix here).
-@pytest.mark.filterwarnings(r"ignore:Exception ignored in. <socket.socket fd=\d+, family=1,:"
-                            "pytest.PytestUnraisableExceptionWarning")
 async def test_from_the_real_supervisor_fanout(nursery, tmp_path, monkeypatch):
     """The real Supervisor.handle over real shard control sockets: one shard failing, then
     one that does not answer at all (status must still come back, that shard unresponsive)."""

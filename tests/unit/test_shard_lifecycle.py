@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.lane.harness import AsyncClient
 from tests.unit.shard_fakes import FakeHost, FakeMounter, config_text
 from tierswap import lane, policy, shard
 from tierswap.config import parse_config
@@ -32,10 +31,6 @@ from tierswap.errors import ControlError
 from tierswap.kit import Kit
 
 HERE = Path(__file__).parent
-
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <socket.socket fd=\d+, family=1,:"
-    "pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture
@@ -69,9 +64,7 @@ async def start(nursery, cfg, host: FakeHost):
     nursery.start_soon(run)
     await wait_until(lambda: me.service is not None and me.service.lane.running == 2
                      and me.paths.control_socket.exists())
-    assert mounter.client_end is not None
-    client = AsyncClient(trio.socket.from_stdlib_socket(mounter.client_end))
-    nursery.start_soon(client.receiver)
+    client = mounter.client(nursery)
     return me, mounter, client, done
 
 

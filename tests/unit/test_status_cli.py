@@ -26,10 +26,6 @@ from tierswap.layout import Layout
 from tierswap.plan import plan_lines, same_priority_swaps
 from tierswap.procs import ProcessId
 
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <socket.socket fd=\d+, family=1,:"
-    "pytest.PytestUnraisableExceptionWarning")
-
 MiB = 1 << 20
 SHARE = 512 * 4096  # test_control_plane.make_config: NPAGES pages per shard
 

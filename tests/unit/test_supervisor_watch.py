@@ -28,10 +28,6 @@ from tierswap.tasks import keep_running, started_at_once
 REPO = Path(__file__).resolve().parents[2]
 STAND_IN = REPO / "tests" / "unit" / "stand_in_shard.py"
 
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <socket.socket fd=\d+, family=1,:"
-    "pytest.PytestUnraisableExceptionWarning")
-
 
 @pytest.fixture(autouse=True)
 def no_swap(monkeypatch):

@@ -24,6 +24,9 @@ handful of calls, all-or-nothing, with capabilities derived from what is impleme
         def extra_statistics() -> StoreStatistics   # optional: typed per-kind numbers
         async def aclose() -> None                  # optional
 
+`data` is a view of the lane's buffer lent for the call only: it is released when write returns,
+and a store must not keep it (or a buffer export of it) beyond that.
+
 `life` is the segment's allocation counter (the lane bumps it each time a segment is opened
 from free): a store with per-segment state (remote placement) resets that state when it sees a
 new life. Reads never run on bytes a segment no longer holds: the lane keeps a read guard from
