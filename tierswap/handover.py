@@ -265,6 +265,20 @@ async def replace_shards(sup: Supervisor) -> None:
         sup.replacing = False
 
 
+async def _hand_off(slot: ShardSlot) -> Exception | None:
+    """Ask one shard to hand its kit off (stop serving without swapoff or unmount) and wait
+    for its process to exit; the error if it did not. `slot.handing_off` is left set: its
+    exit is expected, and the caller decides what follows."""
+    slot.handing_off = True
+    try:
+        await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
+        with trio.fail_after(STOP_TIMEOUT):
+            await slot.exited.wait()
+    except (ControlError, trio.TooSlowError) as e:
+        return e
+    return None
+
+
 async def _replace_shards(sup: Supervisor) -> None:
     if sup.takeover is not None:
         old = Pidfd.open(sup.takeover)
@@ -274,16 +288,11 @@ async def _replace_shards(sup: Supervisor) -> None:
     for slot in sup.slots:
         if slot.state != SERVING or slot.pidfd is None:
             continue
-        slot.handing_off = True
-        try:
-            await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
-            with trio.fail_after(STOP_TIMEOUT):
-                await slot.exited.wait()
-        except (ControlError, trio.TooSlowError) as e:
-            log.error("shard %d did not hand over (%s): left as it is", slot.index, e)
-            slot.handing_off = False
-            continue
+        err = await _hand_off(slot)
         slot.handing_off = False
+        if err is not None:
+            log.error("shard %d did not hand over (%s): left as it is", slot.index, err)
+            continue
         slot.state = RESTARTING
         sup._write_state()
         if await sup.respawn(slot):
@@ -318,14 +327,10 @@ async def park(sup: Supervisor) -> dict[str, Any]:
                                "take its pages over") from None
     sup.taking_over = True  # a shard's exit from here on is expected
     for slot in sup.slots:
-        slot.handing_off = True
-        try:
-            await acall(slot.paths.control_socket, commands.Handoff().to_wire(), timeout=30)
-            with trio.fail_after(STOP_TIMEOUT):
-                await slot.exited.wait()
-        except (ControlError, trio.TooSlowError) as e:
+        err = await _hand_off(slot)
+        if err is not None:
             # too late to go back for the shards already parked: kill it, the kit is stored
-            log.error("shard %d did not hand over (%s): killed", slot.index, e)
+            log.error("shard %d did not hand over (%s): killed", slot.index, err)
             if slot.pidfd is not None:
                 slot.pidfd.send_signal(signal.SIGKILL)
     log.warning("parked for a restart: every kit is in systemd's fd store, swap stays on")
