@@ -114,19 +114,12 @@ def notify(msg: str, fds: Iterable[int] = ()) -> None:
 
 
 def sd_notify(msg: str) -> None:
-    """The supervisor's own sd_notify(3) datagram (READY=1, STATUS=, MAINPID=, ...), without a
-    dependency: a failure is logged, never raised (unlike `notify`); a no-op outside systemd.
-    It lives here, beside `notify`, so that supervisor.py and handover.py both reach it."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
+    """The supervisor's own notifications (READY=1, STATUS=, MAINPID=, ...): `notify`, with a
+    failure logged as the supervisor's line, never raised; a no-op outside systemd. Beside
+    `notify`, so that supervisor.py and handover.py both reach it."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(msg.encode())
-    except OSError as e:  # logged as the supervisor's line, which it is
+        notify(msg)
+    except FdStoreError as e:
         logging.getLogger("tierswap.supervisor").warning("sd_notify failed: %s", e)
 
 
